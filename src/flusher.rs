@@ -1,0 +1,219 @@
+//! Flushing: from the queue into the sink, one locked batch at a time.
+//!
+//! One flush, under the queue's flush lock:
+//!
+//! 1. claim a batch (the abandoned in-flight one first, else up to `batch_size` queued events);
+//! 2. parse each entry; one that is not a valid event becomes a dead-letter record;
+//! 3. sort the rows by `created_at` (stable, so the order is the same on every resumption);
+//! 4. insert them in chunks of `chunk_size`, recording after each chunk that it is done (and
+//!    renewing the lock), skipping the chunks an earlier holder recorded;
+//! 5. commit: drop the in-flight batch and write the dead-letter records, in one step;
+//! 6. publish one `{"projectId","count"}` notification per project.
+//!
+//! A failed insert leaves the batch in flight for the next flush; nothing leaves the queue
+//! until it is in the sink or in the dead-letter list.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::config::FlushSettings;
+use crate::event::{self, EventError};
+use crate::queue::{Queue, QueueError};
+use crate::sink::{Row, Sink, SinkError};
+use crate::time;
+
+/// Errors of a flush.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlushError {
+    /// The queue failed; the batch stays where it was.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// An insert failed; the batch stays in flight and is retried by the next flush.
+    #[error("insert of chunk {chunk} of batch {batch_id} failed: {source}")]
+    Sink {
+        /// The batch.
+        batch_id: String,
+        /// Index of the chunk that failed.
+        chunk: usize,
+        /// What the sink reported.
+        source: SinkError,
+    },
+}
+
+/// What one flush did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Another flusher holds the lock.
+    Busy,
+    /// Nothing was queued or in flight.
+    Empty,
+    /// A batch was flushed.
+    Flushed(FlushReport),
+}
+
+/// Figures of one flushed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Identity of the batch.
+    pub batch_id: String,
+    /// Rows inserted by this flush (chunks an earlier flusher recorded are not counted).
+    pub rows: usize,
+    /// Insert requests made by this flush.
+    pub chunks: usize,
+    /// Entries moved to the dead-letter list.
+    pub dead_lettered: usize,
+    /// Whether the batch had been abandoned by an earlier flusher.
+    pub resumed: bool,
+}
+
+/// Moves batches from the queue into the sink.
+#[derive(Clone)]
+pub struct Flusher {
+    queue: Queue,
+    sink: Sink,
+    settings: FlushSettings,
+}
+
+impl Flusher {
+    /// A flusher for `queue` into `sink`.
+    #[must_use]
+    pub fn new(queue: Queue, sink: Sink, settings: FlushSettings) -> Flusher {
+        Flusher {
+            queue,
+            sink,
+            settings,
+        }
+    }
+
+    /// Flushes one batch, if the lock is free and anything is queued.
+    ///
+    /// # Errors
+    /// [`FlushError`] when the queue or the sink fails; the batch is then retried later.
+    pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        if !self.queue.try_lock(&token, self.settings.lock_ttl).await? {
+            return Ok(FlushOutcome::Busy);
+        }
+        let result = self.flush_locked(&token).await;
+        if let Err(err) = self.queue.unlock(&token).await {
+            tracing::warn!(error = %err, "could not release the flush lock; it expires by itself");
+        }
+        result
+    }
+
+    /// Flushes until the queue and the in-flight batch are empty, waiting while another flusher
+    /// holds the lock. Returns the rows inserted.
+    ///
+    /// # Errors
+    /// The first [`FlushError`]; what was flushed before it stays flushed.
+    pub async fn drain(&self) -> Result<DrainReport, FlushError> {
+        let mut report = DrainReport::default();
+        loop {
+            match self.flush_once().await? {
+                FlushOutcome::Empty => return Ok(report),
+                FlushOutcome::Busy => tokio::time::sleep(Duration::from_millis(50)).await,
+                FlushOutcome::Flushed(batch) => {
+                    report.batches += 1;
+                    report.rows += batch.rows;
+                    report.dead_lettered += batch.dead_lettered;
+                }
+            }
+        }
+    }
+
+    async fn flush_locked(&self, token: &str) -> Result<FlushOutcome, FlushError> {
+        let new_id = uuid::Uuid::new_v4().to_string();
+        let claim = self
+            .queue
+            .claim(token, self.settings.batch_size, &new_id)
+            .await?;
+        if claim.entries.is_empty() {
+            return Ok(FlushOutcome::Empty);
+        }
+        let (rows, dead) = prepare(&claim.entries);
+        let chunk_size = self.settings.chunk_size.max(1);
+        let mut report = FlushReport {
+            batch_id: claim.batch_id.clone(),
+            rows: 0,
+            chunks: 0,
+            dead_lettered: dead.len(),
+            resumed: claim.resumed,
+        };
+        for (index, chunk) in rows.chunks(chunk_size).enumerate() {
+            if index < claim.chunks_done {
+                continue;
+            }
+            let chunk_token = format!("{}:{index}", claim.batch_id);
+            self.sink
+                .insert(chunk, &chunk_token)
+                .await
+                .map_err(|source| FlushError::Sink {
+                    batch_id: claim.batch_id.clone(),
+                    chunk: index,
+                    source,
+                })?;
+            self.queue
+                .progress(token, index + 1, self.settings.lock_ttl)
+                .await?;
+            report.rows += chunk.len();
+            report.chunks += 1;
+        }
+        self.queue.commit(token, &dead).await?;
+        self.publish(&rows).await;
+        Ok(FlushOutcome::Flushed(report))
+    }
+
+    /// One notification per project, as OpenPanel's `publishEvent('events', 'batch', ...)`.
+    async fn publish(&self, rows: &[Row<'_>]) {
+        let mut per_project: BTreeMap<String, usize> = BTreeMap::new();
+        for row in rows {
+            if let Some(project) = row.fields.get("project_id") {
+                let project: String = serde_json::from_str(project.get()).unwrap_or_default();
+                *per_project.entry(project).or_default() += 1;
+            }
+        }
+        for (project, count) in per_project {
+            let payload = serde_json::json!({ "projectId": project, "count": count }).to_string();
+            if let Err(err) = self.queue.publish(&payload).await {
+                tracing::warn!(error = %err, project, "batch notification not published");
+            }
+        }
+    }
+}
+
+/// Totals of a drain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Batches flushed.
+    pub batches: usize,
+    /// Rows inserted.
+    pub rows: usize,
+    /// Entries dead-lettered.
+    pub dead_lettered: usize,
+}
+
+/// Parses claimed entries into rows sorted by `created_at`, and dead-letter records for the
+/// entries that are not valid events.
+fn prepare(entries: &[String]) -> (Vec<Row<'_>>, Vec<String>) {
+    let mut rows = Vec::with_capacity(entries.len());
+    let mut dead = Vec::new();
+    for entry in entries {
+        match event::read_queued(entry) {
+            Ok((fields, created_at)) => rows.push(Row { created_at, fields }),
+            Err(err) => dead.push(dead_letter_record(entry, &err)),
+        }
+    }
+    rows.sort_by_key(|row| row.created_at);
+    (rows, dead)
+}
+
+fn dead_letter_record(entry: &str, err: &EventError) -> String {
+    serde_json::json!({
+        "reason": err.to_string(),
+        "code": err.code(),
+        "entry": entry,
+        "at": time::format_millis(time::now()),
+    })
+    .to_string()
+}

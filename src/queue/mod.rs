@@ -1,0 +1,225 @@
+//! The durable queue between the batcher and the flusher.
+//!
+//! Events move through three places, and each move is one atomic step of the backend:
+//!
+//! ```text
+//! micro-batch --write--> queue (and held screen views) --claim--> in-flight --commit--> gone
+//!                                                                     \--> dead-letter (with reason)
+//! ```
+//!
+//! `write` is applied at most once per micro-batch id, so retrying after a lost reply is safe.
+//! `claim`, `progress` and `commit` only succeed for the holder of the flush lock. A claimed
+//! batch stays in flight until every chunk of it is in the sink; a flusher that dies leaves it
+//! there, and the next lock holder resumes it from the first chunk not recorded as done.
+
+mod redis;
+
+pub use self::redis::RedisQueue;
+
+use std::time::Duration;
+
+use crate::event::Event;
+use crate::time::Timestamp;
+
+/// Errors of the queue layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The backend could not be reached at start.
+    #[error("cannot reach Redis at {url}: {source}")]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// What the client reported.
+        source: ::redis::RedisError,
+    },
+    /// A command failed.
+    #[error("Redis command failed: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// The flush lock expired and another flusher holds it now.
+    #[error("the flush lock was lost to another flusher")]
+    LockLost,
+    /// A stored value is not in the expected format.
+    #[error("corrupt value: {0}")]
+    Corrupt(String),
+}
+
+impl QueueError {
+    /// Whether retrying the same operation later may succeed.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            QueueError::Connect { .. } | QueueError::Redis(_) => true,
+            QueueError::LockLost | QueueError::Corrupt(_) => false,
+        }
+    }
+}
+
+/// One micro-batch on its way into the queue.
+pub(crate) struct MicroBatch<'a> {
+    /// Unique id; the backend applies a given id once.
+    pub(crate) id: &'a str,
+    /// The events, in arrival order.
+    pub(crate) events: &'a [Event],
+    /// `(project, profile)` pairs whose live-visitor heartbeat is due.
+    pub(crate) heartbeats: &'a [(String, String)],
+    /// The time heartbeats are stamped with.
+    pub(crate) now: Timestamp,
+}
+
+/// A batch handed to a flusher.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    /// Identity of the batch; stable across resumptions.
+    pub(crate) batch_id: String,
+    /// Chunks already recorded as in the sink by an earlier holder.
+    pub(crate) chunks_done: usize,
+    /// The claimed entries, in queue order. Empty when there was nothing to flush.
+    pub(crate) entries: Vec<String>,
+    /// Whether this batch was abandoned by an earlier flusher.
+    pub(crate) resumed: bool,
+}
+
+/// Sizes of the queue's parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStats {
+    /// Events waiting to be flushed.
+    pub queued: u64,
+    /// Events claimed by a flusher and not yet committed.
+    pub in_flight: u64,
+    /// Records in the dead-letter list.
+    pub dead_letter: u64,
+}
+
+/// The queue backend.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Queue {
+    /// Redis, in OpenPanel's key layout. Durable as far as Redis persistence is configured.
+    Redis(RedisQueue),
+}
+
+impl Queue {
+    pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.write(batch).await,
+        }
+    }
+
+    /// The held screen view of a session.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn last_screen_view_by_session(
+        &self,
+        session: &str,
+    ) -> Result<Option<String>, QueueError> {
+        match self {
+            Queue::Redis(q) => q.last_screen_view_by_session(session).await,
+        }
+    }
+
+    /// The newest held screen view of a profile in a project.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn last_screen_view_by_profile(
+        &self,
+        project: &str,
+        profile: &str,
+    ) -> Result<Option<String>, QueueError> {
+        match self {
+            Queue::Redis(q) => q.last_screen_view_by_profile(project, profile).await,
+        }
+    }
+
+    /// Queued events (not held, not in flight).
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn size(&self) -> Result<u64, QueueError> {
+        match self {
+            Queue::Redis(q) => q.size().await,
+        }
+    }
+
+    /// Queue, in-flight and dead-letter sizes.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        match self {
+            Queue::Redis(q) => q.stats().await,
+        }
+    }
+
+    /// Visitors of a project seen within the visitor window.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn active_visitor_count(
+        &self,
+        project: &str,
+        now: Timestamp,
+    ) -> Result<u64, QueueError> {
+        match self {
+            Queue::Redis(q) => q.active_visitor_count(project, now).await,
+        }
+    }
+
+    /// The dead-letter records, oldest first.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn dead_letters(&self) -> Result<Vec<String>, QueueError> {
+        match self {
+            Queue::Redis(q) => q.dead_letters().await,
+        }
+    }
+
+    pub(crate) async fn try_lock(&self, token: &str, ttl: Duration) -> Result<bool, QueueError> {
+        match self {
+            Queue::Redis(q) => q.try_lock(token, ttl).await,
+        }
+    }
+
+    pub(crate) async fn unlock(&self, token: &str) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.unlock(token).await,
+        }
+    }
+
+    pub(crate) async fn claim(
+        &self,
+        token: &str,
+        max: usize,
+        new_id: &str,
+    ) -> Result<Claim, QueueError> {
+        match self {
+            Queue::Redis(q) => q.claim(token, max, new_id).await,
+        }
+    }
+
+    pub(crate) async fn progress(
+        &self,
+        token: &str,
+        chunks_done: usize,
+        ttl: Duration,
+    ) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.progress(token, chunks_done, ttl).await,
+        }
+    }
+
+    pub(crate) async fn commit(&self, token: &str, dead: &[String]) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.commit(token, dead).await,
+        }
+    }
+
+    pub(crate) async fn publish(&self, payload: &str) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.publish(payload).await,
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Where flushed events land.
+//!
+//! The flusher hands the sink sorted chunks of rows; each chunk carries a token that is the same
+//! every time that chunk is retried (`<batch id>:<chunk index>`), so a sink that can deduplicate
+//! by it turns a retried insert into a no-op.
+
+mod clickhouse;
+
+pub use self::clickhouse::{ClickHouseSink, SchemaVariant};
+
+use crate::event::Fields;
+use crate::time::Timestamp;
+
+/// Errors of the sink layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The server could not be reached or the request did not complete.
+    #[error("ClickHouse request failed: {0}")]
+    Transport(#[from] reqwest::Error),
+    /// The server answered with an error.
+    #[error("ClickHouse error (HTTP {status}, code {code}): {message}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// ClickHouse's exception code; 0 when the answer had none.
+        code: u32,
+        /// ClickHouse's message, first line.
+        message: String,
+    },
+    /// The configuration or the target table is unusable.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// ClickHouse exception codes that mean the data itself was rejected: retrying cannot help.
+const DATA_ERROR_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+];
+
+impl SinkError {
+    /// The one place that decides whether a failed insert is retried: transport errors, server
+    /// overload and unknown server errors are; errors about the data and setup errors are not.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SinkError::Transport(_) => true,
+            SinkError::Server { status, code, .. } => {
+                *status == 429 || *status >= 500 && !DATA_ERROR_CODES.contains(code)
+            }
+            SinkError::Setup(_) => false,
+        }
+    }
+
+    /// A short, fixed label for metrics.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkError::Transport(_) => "transport",
+            SinkError::Server { .. } if self.is_retryable() => "server",
+            SinkError::Server { .. } => "rejected",
+            SinkError::Setup(_) => "setup",
+        }
+    }
+}
+
+/// One row on its way to the sink: the event's fields as sent, and its time.
+pub(crate) struct Row<'a> {
+    pub(crate) created_at: Timestamp,
+    pub(crate) fields: Fields<'a>,
+}
+
+/// The sink backend.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Sink {
+    /// ClickHouse over HTTP, rows shaped to the target table's columns.
+    ClickHouse(ClickHouseSink),
+}
+
+impl Sink {
+    /// Inserts one chunk. `token` identifies the chunk across retries.
+    pub(crate) async fn insert(&self, rows: &[Row<'_>], token: &str) -> Result<(), SinkError> {
+        match self {
+            Sink::ClickHouse(sink) => sink.insert(rows, token).await,
+        }
+    }
+
+    /// Whether the sink answers.
+    ///
+    /// # Errors
+    /// The reason it does not.
+    pub async fn check(&self) -> Result<(), SinkError> {
+        match self {
+            Sink::ClickHouse(sink) => sink.ping().await,
+        }
+    }
+}
