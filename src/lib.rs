@@ -25,6 +25,6 @@ pub use batcher::{Buffer, BufferError, Receipt};
 pub use config::{BatchSettings, ClickHouseSettings, FlushSettings, HeldSettings};
 pub use event::{Event, EventError, EventKind};
 pub use flusher::{DrainReport, FlushError, FlushOutcome, FlushReport, Flusher};
-pub use queue::{Queue, QueueError, QueueStats, RedisQueue};
+pub use queue::{BatchFeed, Queue, QueueError, QueueStats, RedisQueue};
 pub use sink::{ClickHouseSink, SchemaVariant, Sink, SinkError};
 pub use time::Timestamp;

@@ -55,6 +55,9 @@ impl QueueError {
     }
 }
 
+/// Batch notifications (`{"projectId": ..., "count": ...}` JSON), as flushes publish them.
+pub type BatchFeed = futures_util::stream::BoxStream<'static, String>;
+
 /// One micro-batch on its way into the queue.
 pub(crate) struct MicroBatch<'a> {
     /// Unique id; the backend applies a given id once.
@@ -174,6 +177,16 @@ impl Queue {
     pub async fn dead_letters(&self) -> Result<Vec<String>, QueueError> {
         match self {
             Queue::Redis(q) => q.dead_letters().await,
+        }
+    }
+
+    /// Subscribes to the batch notifications of every flusher sharing this queue.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn subscribe(&self) -> Result<BatchFeed, QueueError> {
+        match self {
+            Queue::Redis(q) => q.subscribe().await,
         }
     }
 

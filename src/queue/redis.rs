@@ -28,7 +28,9 @@ use redis::{AsyncCommands, Script};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Claim, MicroBatch, QueueError, QueueStats};
+use futures_util::StreamExt;
+
+use super::{BatchFeed, Claim, MicroBatch, QueueError, QueueStats};
 use crate::config::HeldSettings;
 use crate::event::EventKind;
 use crate::time::Timestamp;
@@ -100,6 +102,7 @@ impl Keys {
 /// The queue on a single Redis server (or a Redis-compatible one with Lua and `SET .. GET`).
 #[derive(Clone)]
 pub struct RedisQueue {
+    client: redis::Client,
     conn: ConnectionManager,
     keys: Keys,
     held: HeldSettings,
@@ -122,7 +125,7 @@ impl RedisQueue {
             .set_number_of_retries(2);
         let mut conn = tokio::time::timeout(
             Duration::from_secs(10),
-            ConnectionManager::new_with_config(client, config),
+            ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
         .map_err(|_| {
@@ -136,6 +139,7 @@ impl RedisQueue {
             .await
             .map_err(connect_error)?;
         Ok(RedisQueue {
+            client,
             conn,
             keys: Keys::new(prefix),
             held,
@@ -380,6 +384,16 @@ impl RedisQueue {
         conn.publish::<_, _, i64>(self.keys.channel(), payload)
             .await?;
         Ok(())
+    }
+
+    /// Batch notifications from every flusher on this Redis, as they are published.
+    pub(crate) async fn subscribe(&self) -> Result<BatchFeed, QueueError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(self.keys.channel()).await?;
+        let feed = pubsub
+            .into_on_message()
+            .filter_map(|message| async move { message.get_payload::<String>().ok() });
+        Ok(Box::pin(feed))
     }
 
     /// The dead-letter records, oldest first.
