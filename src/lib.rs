@@ -12,11 +12,15 @@
 //! [`config`] holds each stage's settings with the reference design's defaults, and [`time`]
 //! the timestamp type. `ARCHITECTURE.md` states the invariants.
 
+pub mod backend;
 pub mod batcher;
 pub mod config;
 pub mod event;
 pub mod flusher;
+pub mod ingest;
+pub mod metrics;
 pub mod queue;
+pub mod service;
 pub mod sink;
 pub mod time;
 pub mod workload;

@@ -1,46 +1,48 @@
-//! The `spillway` command line: thin; everything it does is in the library.
+//! The `spillway` command line: parses flags, sets up logging, and calls the library.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use spillway::config::{ClickHouseConfig, Config, LogFormat, RedisConfig};
 use spillway::workload::{Workload, WorkloadSettings};
-use spillway::{
-    BatchSettings, Buffer, ClickHouseSettings, ClickHouseSink, Event, FlushSettings, Flusher,
-    HeldSettings, Queue, RedisQueue, SchemaVariant, Sink,
-};
+use spillway::{backend, service, Buffer, Event, Flusher, SchemaVariant};
 
 /// A durable event buffer between analytics ingest and ClickHouse.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Add every event of an NDJSON file (or `-` for stdin) through the buffer, then flush it.
+    /// Run the HTTP service: ingest, query, live feed, metrics, and a flusher.
+    Serve,
+    /// Run a flush-only worker until SIGTERM / Ctrl-C.
+    Flush,
+    /// Add every event of an NDJSON file (or `-` for stdin) through the buffer.
     Import {
         /// The file to read; `-` reads standard input.
         #[arg(default_value = "-")]
         file: PathBuf,
-        #[command(flatten)]
-        redis: RedisArgs,
-        #[command(flatten)]
-        batch: BatchArgs,
     },
-    /// Flush the queue into ClickHouse until it is empty; prints the rows inserted.
-    Drain {
-        #[command(flatten)]
-        redis: RedisArgs,
-        #[command(flatten)]
-        clickhouse: ClickHouseArgs,
-        #[command(flatten)]
-        flush: FlushArgs,
+    /// Flush the queue into the sink until it is empty; prints the rows inserted.
+    Drain,
+    /// Print the effective configuration (secrets redacted) as TOML.
+    Config,
+    /// Print the DDL of the ClickHouse events table.
+    Schema {
+        /// Which table shape: `current` ClickHouse (Map, DateTime64) or `legacy` 18.16.
+        #[arg(long, value_enum)]
+        variant: Option<SchemaVariant>,
     },
     /// Print a deterministic OpenPanel-like workload as NDJSON (for demos and benchmarks).
     Generate {
@@ -51,107 +53,206 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Print the DDL of the events table.
-    Schema {
-        /// Which table shape: `current` ClickHouse (Map, DateTime64) or `legacy` 18.16.
-        #[arg(long, value_enum)]
-        variant: Option<SchemaVariant>,
-        /// Database to create the table in.
-        #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "default")]
-        database: String,
-        /// Table name.
-        #[arg(long, env = "CLICKHOUSE_TABLE", default_value = "events")]
-        table: String,
-    },
 }
 
+/// Settings from flags and environment; they override the config file, which overrides the
+/// defaults.
 #[derive(Args)]
-struct RedisArgs {
-    /// Redis URL.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis_url: String,
+struct ConfigArgs {
+    /// TOML config file.
+    #[arg(long, env = "SPILLWAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Directory of the embedded queue and sink.
+    #[arg(long, env = "SPILLWAY_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Redis URL; without it, the embedded queue is used.
+    #[arg(long, env = "REDIS_URL", global = true)]
+    redis_url: Option<String>,
     /// Prefix for every Redis key and channel; empty keeps OpenPanel's names.
-    #[arg(long, env = "SPILLWAY_KEY_PREFIX", default_value = "")]
-    key_prefix: String,
-}
-
-#[derive(Args)]
-struct BatchArgs {
-    /// Events per micro-batch write.
-    #[arg(long, env = "EVENT_BUFFER_MICRO_BATCH_SIZE", default_value_t = 100,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    micro_batch_size: u32,
-    /// Longest wait, in ms, before a partial micro-batch is written.
-    #[arg(long, env = "EVENT_BUFFER_MICRO_BATCH_MS", default_value_t = 10)]
-    micro_batch_ms: u64,
-}
-
-#[derive(Args)]
-struct ClickHouseArgs {
-    /// ClickHouse HTTP URL.
-    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
-    clickhouse_url: String,
+    #[arg(long, env = "SPILLWAY_KEY_PREFIX", global = true)]
+    key_prefix: Option<String>,
+    /// ClickHouse HTTP URL; without it, the embedded sink is used.
+    #[arg(long, env = "CLICKHOUSE_URL", global = true)]
+    clickhouse_url: Option<String>,
     /// ClickHouse user.
-    #[arg(long, env = "CLICKHOUSE_USER")]
+    #[arg(long, env = "CLICKHOUSE_USER", global = true)]
     clickhouse_user: Option<String>,
     /// ClickHouse password.
-    #[arg(long, env = "CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CLICKHOUSE_PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
     clickhouse_password: Option<String>,
     /// Database of the events table.
-    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "default")]
-    clickhouse_database: String,
+    #[arg(long, env = "CLICKHOUSE_DATABASE", global = true)]
+    clickhouse_database: Option<String>,
     /// The events table.
-    #[arg(long, env = "CLICKHOUSE_TABLE", default_value = "events")]
-    clickhouse_table: String,
-}
-
-#[derive(Args)]
-struct FlushArgs {
+    #[arg(long, env = "CLICKHOUSE_TABLE", global = true)]
+    clickhouse_table: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "SPILLWAY_LISTEN", global = true)]
+    listen: Option<String>,
+    /// Events per micro-batch write.
+    #[arg(long, env = "EVENT_BUFFER_MICRO_BATCH_SIZE", global = true)]
+    micro_batch_size: Option<usize>,
+    /// Longest wait, ms, before a partial micro-batch is written.
+    #[arg(long, env = "EVENT_BUFFER_MICRO_BATCH_MS", global = true)]
+    micro_batch_ms: Option<u64>,
     /// Events claimed per flush.
-    #[arg(long, env = "EVENT_BUFFER_BATCH_SIZE", default_value_t = 4000,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    batch_size: u32,
+    #[arg(long, env = "EVENT_BUFFER_BATCH_SIZE", global = true)]
+    batch_size: Option<usize>,
     /// Rows per insert.
-    #[arg(long, env = "EVENT_BUFFER_CHUNK_SIZE", default_value_t = 1000,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    chunk_size: u32,
+    #[arg(long, env = "EVENT_BUFFER_CHUNK_SIZE", global = true)]
+    chunk_size: Option<usize>,
+    /// Pause between flushes when the queue holds less than a batch, ms.
+    #[arg(long, env = "SPILLWAY_FLUSH_INTERVAL_MS", global = true)]
+    flush_interval_ms: Option<u64>,
+    /// Serve ingest and queries only; flushing is left to `spillway flush` workers.
+    #[arg(long, global = true)]
+    no_flush: bool,
+    /// Events accepted but not yet written that the process may hold before answering 503.
+    #[arg(long, env = "SPILLWAY_MAX_PENDING_EVENTS", global = true)]
+    max_pending_events: Option<usize>,
+    /// Largest request body in bytes (after decompression).
+    #[arg(long, env = "SPILLWAY_MAX_BODY_BYTES", global = true)]
+    max_body_bytes: Option<usize>,
+    /// Most events in one request.
+    #[arg(long, env = "SPILLWAY_MAX_EVENTS_PER_REQUEST", global = true)]
+    max_events_per_request: Option<usize>,
+    /// A project's write key, as PROJECT=KEY; repeatable. With any set, ingest requires them.
+    #[arg(
+        long = "write-key",
+        env = "SPILLWAY_WRITE_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        global = true
+    )]
+    write_keys: Vec<String>,
+    /// Longest graceful shutdown, ms.
+    #[arg(long, env = "SPILLWAY_SHUTDOWN_TIMEOUT_MS", global = true)]
+    shutdown_timeout_ms: Option<u64>,
+    /// Log format.
+    #[arg(long, env = "SPILLWAY_LOG_FORMAT", value_enum, global = true)]
+    log_format: Option<LogFormat>,
 }
 
-impl RedisArgs {
-    async fn connect(&self) -> anyhow::Result<Queue> {
-        let queue =
-            RedisQueue::connect(&self.redis_url, &self.key_prefix, HeldSettings::default()).await?;
-        Ok(Queue::Redis(queue))
+impl ConfigArgs {
+    /// Defaults, then the file, then these flags and variables.
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        fn set<T: Clone>(target: &mut T, value: Option<&T>) {
+            if let Some(value) = value {
+                *target = value.clone();
+            }
+        }
+        set(&mut config.data_dir, self.data_dir.as_ref());
+        if let Some(url) = &self.redis_url {
+            let prefix = config
+                .redis
+                .take()
+                .map(|r| r.key_prefix)
+                .unwrap_or_default();
+            config.redis = Some(RedisConfig {
+                url: url.clone(),
+                key_prefix: prefix,
+            });
+        }
+        if let Some(redis) = &mut config.redis {
+            set(&mut redis.key_prefix, self.key_prefix.as_ref());
+        }
+        if let Some(url) = &self.clickhouse_url {
+            match &mut config.clickhouse {
+                Some(clickhouse) => clickhouse.url.clone_from(url),
+                None => {
+                    config.clickhouse = Some(toml::from_str::<ClickHouseConfig>(&format!(
+                        "url = {}",
+                        toml::Value::String(url.clone())
+                    ))?);
+                }
+            }
+        }
+        if let Some(clickhouse) = &mut config.clickhouse {
+            if self.clickhouse_user.is_some() {
+                clickhouse.user.clone_from(&self.clickhouse_user);
+            }
+            if self.clickhouse_password.is_some() {
+                clickhouse.password.clone_from(&self.clickhouse_password);
+            }
+            set(&mut clickhouse.database, self.clickhouse_database.as_ref());
+            set(&mut clickhouse.table, self.clickhouse_table.as_ref());
+        }
+        set(&mut config.http.listen, self.listen.as_ref());
+        set(
+            &mut config.http.max_pending_events,
+            self.max_pending_events.as_ref(),
+        );
+        set(
+            &mut config.http.max_body_bytes,
+            self.max_body_bytes.as_ref(),
+        );
+        set(
+            &mut config.http.max_events_per_request,
+            self.max_events_per_request.as_ref(),
+        );
+        set(
+            &mut config.batch.micro_batch_size,
+            self.micro_batch_size.as_ref(),
+        );
+        set(
+            &mut config.batch.micro_batch_ms,
+            self.micro_batch_ms.as_ref(),
+        );
+        set(&mut config.flush.batch_size, self.batch_size.as_ref());
+        set(&mut config.flush.chunk_size, self.chunk_size.as_ref());
+        set(
+            &mut config.flush.interval_ms,
+            self.flush_interval_ms.as_ref(),
+        );
+        if self.no_flush {
+            config.flush.enabled = false;
+        }
+        set(
+            &mut config.shutdown_timeout_ms,
+            self.shutdown_timeout_ms.as_ref(),
+        );
+        set(&mut config.log_format, self.log_format.as_ref());
+        let mut keys = BTreeMap::new();
+        for pair in &self.write_keys {
+            let (project, key) = pair
+                .split_once('=')
+                .filter(|(p, k)| !p.is_empty() && !k.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("invalid setting `write-key`: expected PROJECT=KEY")
+                })?;
+            keys.insert(project.to_owned(), key.to_owned());
+        }
+        config.write_keys.extend(keys);
+        config.validate()?;
+        Ok(config)
     }
 }
 
-impl ClickHouseArgs {
-    async fn connect(&self) -> anyhow::Result<Sink> {
-        let settings = ClickHouseSettings {
-            url: self.clickhouse_url.clone(),
-            user: self.clickhouse_user.clone(),
-            password: self.clickhouse_password.clone(),
-            database: self.clickhouse_database.clone(),
-            table: self.clickhouse_table.clone(),
-            ..ClickHouseSettings::default()
-        };
-        let url = settings.url.clone();
-        let sink = ClickHouseSink::connect(settings)
-            .await
-            .with_context(|| format!("cannot use ClickHouse at {url}"))?;
-        Ok(Sink::ClickHouse(sink))
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,spillway=info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
     }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -162,30 +263,25 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Import { file, redis, batch } => import(&file, &redis, &batch).await,
-        Command::Drain {
-            redis,
-            clickhouse,
-            flush,
-        } => {
-            let queue = redis.connect().await?;
-            let sink = clickhouse.connect().await?;
-            let settings = FlushSettings {
-                batch_size: flush.batch_size as usize,
-                chunk_size: flush.chunk_size as usize,
-                ..FlushSettings::default()
+        Command::Schema { variant } => {
+            let database = cli
+                .config
+                .clickhouse_database
+                .as_deref()
+                .unwrap_or("default");
+            let table = cli.config.clickhouse_table.as_deref().unwrap_or("events");
+            let variants = match variant {
+                Some(v) => vec![v],
+                None => vec![SchemaVariant::Current, SchemaVariant::Legacy],
             };
-            let started = Instant::now();
-            let report = Flusher::new(queue, sink, settings).drain().await?;
-            let secs = started.elapsed().as_secs_f64();
-            println!(
-                "inserted {} rows in {} batches ({} dead-lettered) in {secs:.2}s ({:.0} rows/s)",
-                report.rows,
-                report.batches,
-                report.dead_lettered,
-                report.rows as f64 / secs.max(1e-9)
-            );
-            Ok(())
+            for v in variants {
+                let label = match v {
+                    SchemaVariant::Current => "current ClickHouse (22.2 and later)",
+                    SchemaVariant::Legacy => "ClickHouse 18.16 (Debian)",
+                };
+                println!("-- {label}\n{};\n", v.ddl(database, table));
+            }
+            return Ok(());
         }
         Command::Generate { events, seed } => {
             let settings = WorkloadSettings {
@@ -197,33 +293,84 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "{line}")?;
             }
             out.flush()?;
-            Ok(())
+            return Ok(());
         }
-        Command::Schema {
-            variant,
-            database,
-            table,
-        } => {
-            let variants = match variant {
-                Some(v) => vec![v],
-                None => vec![SchemaVariant::Current, SchemaVariant::Legacy],
+        _ => {}
+    }
+    let config = cli.config.load()?;
+    if matches!(cli.command, Command::Config) {
+        print!("{}", config.redacted_toml());
+        return Ok(());
+    }
+    // The one-shot commands print results on stdout; keep their stderr to warnings.
+    if matches!(cli.command, Command::Serve | Command::Flush) {
+        init_logging(config.log_format);
+    } else if std::env::var_os("RUST_LOG").is_none() {
+        tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    match cli.command {
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(&config.http.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+            let address = listener.local_addr()?;
+            println!("spillway listening on http://{address}");
+            std::io::stdout().flush()?;
+            service::run(listener, config, shutdown_signal()).await?;
+        }
+        Command::Flush => service::run_flusher(config, shutdown_signal()).await?,
+        Command::Import { file } => import(&file, &config).await?,
+        Command::Drain => {
+            let (queue, sink) = backend::open(&config).await?;
+            let sink = sink.context("nothing to drain into: no sink configured")?;
+            let started = Instant::now();
+            let report = Flusher::new(queue, sink, config.flush_settings())
+                .drain()
+                .await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "inserted {} rows in {} batches ({} dead-lettered) in {secs:.2}s ({:.0} rows/s)",
+                report.rows,
+                report.batches,
+                report.dead_lettered,
+                report.rows as f64 / secs.max(1e-9)
+            );
+        }
+        Command::Config | Command::Schema { .. } | Command::Generate { .. } => {}
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot listen for SIGTERM; Ctrl-C only");
+                    let _ = interrupt.await;
+                    return;
+                }
             };
-            for v in variants {
-                let label = match v {
-                    SchemaVariant::Current => "current ClickHouse (22.2 and later)",
-                    SchemaVariant::Legacy => "ClickHouse 18.16 (Debian)",
-                };
-                println!("-- {label}\n{};\n", v.ddl(&database, &table));
-            }
-            Ok(())
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
         }
     }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
 }
 
 /// Events per `bulk_add` call while importing.
 const IMPORT_CHUNK: usize = 1000;
 
-async fn import(file: &PathBuf, redis: &RedisArgs, batch: &BatchArgs) -> anyhow::Result<()> {
+async fn import(file: &PathBuf, config: &Config) -> anyhow::Result<()> {
     let reader: Box<dyn BufRead + Send> = if file.as_os_str() == "-" {
         Box::new(BufReader::new(std::io::stdin()))
     } else {
@@ -231,13 +378,8 @@ async fn import(file: &PathBuf, redis: &RedisArgs, batch: &BatchArgs) -> anyhow:
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
         Box::new(BufReader::with_capacity(1 << 20, f))
     };
-    let queue = redis.connect().await?;
-    let settings = BatchSettings {
-        max_events: batch.micro_batch_size as usize,
-        max_wait: Duration::from_millis(batch.micro_batch_ms),
-        ..BatchSettings::default()
-    };
-    let (buffer, batcher) = Buffer::start(queue, settings, HeldSettings::default());
+    let (queue, _sink) = backend::open(config).await?;
+    let (buffer, batcher) = Buffer::start(queue, config.batch_settings(), config.held_settings());
     let started = Instant::now();
     let (mut accepted, mut rejected) = (0usize, 0usize);
     let mut receipts = Vec::new();

@@ -14,6 +14,7 @@
 
 mod redis;
 
+pub(crate) use self::redis::redact_url;
 pub use self::redis::RedisQueue;
 
 use std::time::Duration;

@@ -13,4 +13,5 @@ mod current_clickhouse;
 mod flush;
 mod golden;
 mod screen_views;
+mod service;
 mod visitors;

@@ -1,0 +1,563 @@
+//! `spillway serve`: the HTTP service around the buffer.
+//!
+//! One process runs the router (ingest, query, live feed, operations), the batcher, and unless
+//! disabled a flusher loop. [`run`] takes the listener and the shutdown future, so tests bind
+//! port 0. Shutdown is a sequence: stop accepting and let requests finish (live feeds end), drop
+//! the last buffer handle so the batcher writes what it holds, let the flush in progress finish,
+//! all within the configured timeout.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+
+use crate::backend::{self, BackendError};
+use crate::config::{Config, ConfigError};
+use crate::flusher::{FlushOutcome, Flusher};
+use crate::ingest::{self, BodyFormat, IngestError, Limits};
+use crate::queue::Queue;
+use crate::sink::Sink;
+use crate::{metrics, time, Buffer};
+
+/// Errors that stop the service.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A backend could not be opened.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The listener failed.
+    #[error("HTTP server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The routes, as the OpenAPI document lists them (kept equal by a test).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/events"),
+    ("get", "/v1/buffer"),
+    ("get", "/v1/projects/{project}/live-visitors"),
+    ("get", "/v1/projects/{project}/batches"),
+    (
+        "get",
+        "/v1/projects/{project}/profiles/{profile}/last-screen-view",
+    ),
+    ("get", "/v1/sessions/{session}/last-screen-view"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+/// The OpenAPI description of [`ROUTES`].
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+struct AppState {
+    buffer: Buffer,
+    queue: Queue,
+    sink: Option<Sink>,
+    config: Arc<Config>,
+    /// One permit per event that may be pending in memory; ingest answers 503 without one.
+    pending: Arc<Semaphore>,
+    metrics: PrometheusHandle,
+    /// Wakes the flusher when a full batch may be queued.
+    flush_wakeup: Arc<Notify>,
+    accepted_since_wakeup: Arc<AtomicUsize>,
+    /// Turns true when shutdown starts, ending live feeds.
+    closing: watch::Receiver<bool>,
+    started: Instant,
+}
+
+/// Runs the service until `shutdown` resolves, then shuts down in order.
+///
+/// # Errors
+/// [`ServiceError`] when the configuration or a backend is unusable, or the listener fails.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    config.validate()?;
+    let metrics_handle = metrics::install();
+    let (queue, sink) = backend::open(&config).await?;
+    if config.flush.enabled && sink.is_none() {
+        return Err(ConfigError::Invalid {
+            setting: "clickhouse.url",
+            problem: "a Redis queue needs a ClickHouse sink to flush into (or --no-flush)"
+                .to_owned(),
+        }
+        .into());
+    }
+    let (buffer, batcher) = Buffer::start(
+        queue.clone(),
+        config.batch_settings(),
+        config.held_settings(),
+    );
+    let (closing_tx, closing) = watch::channel(false);
+    let flush_wakeup = Arc::new(Notify::new());
+
+    let mut tasks = Vec::new();
+    if config.flush.enabled {
+        if let Some(sink) = &sink {
+            let flusher = Flusher::new(queue.clone(), sink.clone(), config.flush_settings());
+            tasks.push(tokio::spawn(flush_loop(
+                flusher,
+                config.flush.batch_size,
+                Duration::from_millis(config.flush.interval_ms),
+                flush_wakeup.clone(),
+                closing.clone(),
+            )));
+        }
+    }
+    tasks.push(tokio::spawn(sample_loop(queue.clone(), closing.clone())));
+
+    let shutdown_timeout = Duration::from_millis(config.shutdown_timeout_ms);
+    let state = AppState {
+        buffer,
+        queue,
+        sink,
+        pending: Arc::new(Semaphore::new(config.http.max_pending_events)),
+        config: Arc::new(config),
+        metrics: metrics_handle,
+        flush_wakeup,
+        accepted_since_wakeup: Arc::new(AtomicUsize::new(0)),
+        closing,
+        started: Instant::now(),
+    };
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new requests");
+            let _ = closing_tx.send(true);
+        })
+        .await?;
+
+    // Every request has finished and the router (with its buffer handles) is dropped: the
+    // batcher now writes what it holds and stops; the flusher finishes its current flush.
+    let drained = tokio::time::timeout(shutdown_timeout, async {
+        let _ = batcher.await;
+        for task in tasks {
+            let _ = task.await;
+        }
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("shutdown complete"),
+        Err(_) => tracing::error!(
+            timeout_ms = shutdown_timeout.as_millis() as u64,
+            "shutdown timed out; events not yet written stay unacknowledged"
+        ),
+    }
+    Ok(())
+}
+
+/// `spillway flush`: a flush-only worker, until `shutdown` resolves (the flush in progress
+/// finishes first).
+///
+/// # Errors
+/// [`ServiceError`] when the configuration or a backend is unusable.
+pub async fn run_flusher(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    config.validate()?;
+    let (queue, sink) = backend::open(&config).await?;
+    let Some(sink) = sink else {
+        return Err(ConfigError::Invalid {
+            setting: "clickhouse.url",
+            problem: "a flush worker needs a sink".to_owned(),
+        }
+        .into());
+    };
+    let (closing_tx, closing) = watch::channel(false);
+    let flusher = Flusher::new(queue, sink, config.flush_settings());
+    let worker = tokio::spawn(flush_loop(
+        flusher,
+        config.flush.batch_size,
+        Duration::from_millis(config.flush.interval_ms),
+        Arc::new(Notify::new()),
+        closing,
+    ));
+    shutdown.await;
+    let _ = closing_tx.send(true);
+    let timeout = Duration::from_millis(config.shutdown_timeout_ms);
+    if tokio::time::timeout(timeout, worker).await.is_err() {
+        tracing::error!("flush worker did not stop within the shutdown timeout");
+    }
+    Ok(())
+}
+
+fn router(state: AppState) -> Router {
+    let body_limit = state.config.http.max_body_bytes;
+    Router::new()
+        .route("/v1/events", post(ingest_events))
+        .route("/v1/buffer", get(buffer_stats))
+        .route("/v1/projects/{project}/live-visitors", get(live_visitors))
+        .route("/v1/projects/{project}/batches", get(batch_feed))
+        .route(
+            "/v1/projects/{project}/profiles/{profile}/last-screen-view",
+            get(last_view_by_profile),
+        )
+        .route(
+            "/v1/sessions/{session}/last-screen-view",
+            get(last_view_by_session),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readiness))
+        .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// An HTTP error answer: a status and `{"error": message}`.
+#[derive(Debug)]
+enum ApiError {
+    BadRequest(String),
+    Unauthorized(String),
+    NotFound(String),
+    PayloadTooLarge(String),
+    UnsupportedMediaType(String),
+    Unavailable(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, m),
+            ApiError::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+        };
+        let mut response = (status, Json(json!({ "error": message }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(err: IngestError) -> Self {
+        match err {
+            IngestError::TooLarge { .. } | IngestError::TooManyEvents { .. } => {
+                ApiError::PayloadTooLarge(err.to_string())
+            }
+            _ => ApiError::BadRequest(err.to_string()),
+        }
+    }
+}
+
+async fn ingest_events(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let response = match accept_events(&app, &headers, &body).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    };
+    metrics::ingest_request(response.status().as_u16());
+    response
+}
+
+async fn accept_events(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let header_text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let format =
+        BodyFormat::from_content_type(header_text(header::CONTENT_TYPE)).ok_or_else(|| {
+            ApiError::UnsupportedMediaType(
+                "Content-Type must be application/json or application/x-ndjson".to_owned(),
+            )
+        })?;
+    let limits = Limits {
+        max_body_bytes: app.config.http.max_body_bytes,
+        max_events: app.config.http.max_events_per_request,
+    };
+    let decoded;
+    let body = match header_text(header::CONTENT_ENCODING) {
+        None | Some("identity") => body,
+        Some("gzip") => {
+            decoded = ingest::gunzip(body, limits.max_body_bytes).inspect_err(|e| {
+                metrics::events_rejected(e.code(), 1);
+            })?;
+            &decoded
+        }
+        Some(other) => {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Encoding {other} is not supported; use gzip or none"
+            )))
+        }
+    };
+    let parsed = ingest::parse_body(body, format, limits, time::now()).inspect_err(|e| {
+        metrics::events_rejected(e.code(), 1);
+    })?;
+    metrics::events_received(parsed.events.len() + parsed.rejected.len());
+    for rejection in &parsed.rejected {
+        metrics::events_rejected(rejection.code, 1);
+    }
+    authorize(app, headers, &parsed.events)?;
+
+    let count = parsed.events.len();
+    let permits = u32::try_from(count).unwrap_or(u32::MAX);
+    let Ok(permit) = app.pending.clone().try_acquire_many_owned(permits) else {
+        metrics::events_rejected("buffer_full", count);
+        return Err(ApiError::Unavailable(
+            "buffer full: events cannot be written as fast as they arrive; retry later".to_owned(),
+        ));
+    };
+    let receipt = app
+        .buffer
+        .bulk_add(parsed.events)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let timeout = Duration::from_millis(app.config.http.request_timeout_ms);
+    let written = tokio::time::timeout(timeout, receipt.written()).await;
+    drop(permit);
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(ApiError::Unavailable(err.to_string())),
+        Err(_) => {
+            return Err(ApiError::Unavailable(
+                "events not yet durable within the request timeout (queue unreachable?); \
+                 they may still be written"
+                    .to_owned(),
+            ))
+        }
+    }
+    metrics::events_accepted(count);
+    let since = app
+        .accepted_since_wakeup
+        .fetch_add(count, Ordering::Relaxed)
+        + count;
+    if since >= app.config.flush.batch_size {
+        app.accepted_since_wakeup.store(0, Ordering::Relaxed);
+        app.flush_wakeup.notify_one();
+    }
+    let answer = json!({ "accepted": count, "rejected": parsed.rejected });
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// With write keys configured, every event's project must have one, and the request must carry
+/// it (`Authorization: Bearer <key>` or `X-Spillway-Key`). Keys are never logged.
+fn authorize(app: &AppState, headers: &HeaderMap, events: &[crate::Event]) -> Result<(), ApiError> {
+    let keys = &app.config.write_keys;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-spillway-key").and_then(|v| v.to_str().ok()));
+    for event in events {
+        let project = event.project_id();
+        if presented.is_none() || keys.get(project).map(String::as_str) != presented {
+            metrics::events_rejected("unauthorized", events.len());
+            return Err(ApiError::Unauthorized(format!(
+                "missing or wrong write key for project {project}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn unavailable(err: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(format!("queue unavailable: {err}"))
+}
+
+async fn buffer_stats(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let stats = app.queue.stats().await.map_err(unavailable)?;
+    Ok(Json(stats).into_response())
+}
+
+async fn live_visitors(
+    State(app): State<AppState>,
+    Path(project): Path<String>,
+) -> Result<Response, ApiError> {
+    let count = app
+        .queue
+        .active_visitor_count(&project, time::now())
+        .await
+        .map_err(unavailable)?;
+    Ok(Json(json!({ "count": count })).into_response())
+}
+
+fn held_view(view: Option<String>, what: String) -> Result<Response, ApiError> {
+    match view {
+        Some(json) => Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response()),
+        None => Err(ApiError::NotFound(format!(
+            "no screen view held for {what}"
+        ))),
+    }
+}
+
+async fn last_view_by_session(
+    State(app): State<AppState>,
+    Path(session): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = app
+        .queue
+        .last_screen_view_by_session(&session)
+        .await
+        .map_err(unavailable)?;
+    held_view(view, format!("session {session}"))
+}
+
+async fn last_view_by_profile(
+    State(app): State<AppState>,
+    Path((project, profile)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let view = app
+        .queue
+        .last_screen_view_by_profile(&project, &profile)
+        .await
+        .map_err(unavailable)?;
+    held_view(view, format!("profile {profile} of project {project}"))
+}
+
+/// Server-Sent Events: one `batch` event per flush that landed rows of this project.
+async fn batch_feed(
+    State(app): State<AppState>,
+    Path(project): Path<String>,
+) -> Result<Response, ApiError> {
+    let feed = app.queue.subscribe().await.map_err(unavailable)?;
+    let mut closing = app.closing.clone();
+    let ended = async move {
+        let _ = closing.wait_for(|closing| *closing).await;
+    };
+    let events = feed
+        .filter_map(move |payload| {
+            let wanted = serde_json::from_str::<serde_json::Value>(&payload)
+                .is_ok_and(|v| v["projectId"] == project.as_str());
+            async move {
+                wanted.then(|| {
+                    Ok::<_, std::convert::Infallible>(
+                        SseEvent::default().event("batch").data(payload),
+                    )
+                })
+            }
+        })
+        .take_until(ended);
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn readiness(State(app): State<AppState>) -> Response {
+    let check = Duration::from_secs(2);
+    let queue = match tokio::time::timeout(check, app.queue.size()).await {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_owned(),
+    };
+    let sink = match &app.sink {
+        None => "not configured (ingest-only)".to_owned(),
+        Some(sink) => match tokio::time::timeout(check, sink.check()).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        },
+    };
+    let ready = queue == "ok" && (sink == "ok" || app.sink.is_none());
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "queue": queue,
+        "sink": sink,
+        "backend": backend::describe(&app.queue, app.sink.as_ref()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn render_metrics(State(app): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Flushes while batches are full; otherwise waits for the interval or a wake-up. Stops between
+/// flushes once shutdown starts, so the flush in progress always finishes.
+async fn flush_loop(
+    flusher: Flusher,
+    batch_size: usize,
+    interval: Duration,
+    wakeup: Arc<Notify>,
+    mut closing: watch::Receiver<bool>,
+) {
+    loop {
+        if *closing.borrow() {
+            return;
+        }
+        let full = match flusher.flush_once().await {
+            Ok(FlushOutcome::Flushed(report)) => {
+                tracing::debug!(rows = report.rows, batch = %report.batch_id, "flushed");
+                report.rows + report.dead_lettered >= batch_size
+            }
+            Ok(FlushOutcome::Empty | FlushOutcome::Busy) => false,
+            Err(err) => {
+                tracing::warn!(error = %err, "flush failed; the batch stays in flight and is retried");
+                false
+            }
+        };
+        if full {
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = wakeup.notified() => {}
+            _ = closing.changed() => return,
+        }
+    }
+}
+
+/// Samples the queue's sizes into gauges.
+async fn sample_loop(queue: Queue, mut closing: watch::Receiver<bool>) {
+    loop {
+        match queue.stats().await {
+            Ok(stats) => metrics::queue_sampled(&stats),
+            Err(err) => tracing::debug!(error = %err, "queue stats unavailable"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = closing.changed() => return,
+        }
+    }
+}
