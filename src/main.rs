@@ -130,6 +130,9 @@ struct ConfigArgs {
         global = true
     )]
     write_keys: Vec<String>,
+    /// Longest an ingest request waits for its events to be durable, ms; then 503.
+    #[arg(long, env = "SPILLWAY_REQUEST_TIMEOUT_MS", global = true)]
+    request_timeout_ms: Option<u64>,
     /// Longest graceful shutdown, ms.
     #[arg(long, env = "SPILLWAY_SHUTDOWN_TIMEOUT_MS", global = true)]
     shutdown_timeout_ms: Option<u64>,
@@ -313,13 +316,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve => {
+            let service = service::Service::open(config.clone()).await?;
             let listener = tokio::net::TcpListener::bind(&config.http.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.http.listen))?;
             let address = listener.local_addr()?;
             println!("spillway listening on http://{address}");
             std::io::stdout().flush()?;
-            service::run(listener, config, shutdown_signal()).await?;
+            service.run(listener, shutdown_signal()).await?;
         }
         Command::Flush => service::run_flusher(config, shutdown_signal()).await?,
         Command::Import { file } => import(&file, &config).await?,

@@ -84,26 +84,63 @@ struct AppState {
     started: Instant,
 }
 
-/// Runs the service until `shutdown` resolves, then shuts down in order.
-///
-/// # Errors
-/// [`ServiceError`] when the configuration or a backend is unusable, or the listener fails.
-pub async fn run(
+/// The service with its backends open, ready to serve.
+pub struct Service {
+    config: Config,
+    queue: Queue,
+    sink: Option<Sink>,
+}
+
+impl Service {
+    /// Checks the configuration and opens the backends, so that a listener is only announced
+    /// for a service that can work.
+    ///
+    /// # Errors
+    /// [`ServiceError`] when the configuration or a backend is unusable.
+    pub async fn open(config: Config) -> Result<Service, ServiceError> {
+        config.validate()?;
+        let (queue, sink) = backend::open(&config).await?;
+        if config.flush.enabled && sink.is_none() {
+            return Err(ConfigError::Invalid {
+                setting: "clickhouse.url",
+                problem: "a Redis queue needs a ClickHouse sink to flush into (or --no-flush)"
+                    .to_owned(),
+            }
+            .into());
+        }
+        Ok(Service {
+            config,
+            queue,
+            sink,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then shuts down in order.
+    ///
+    /// # Errors
+    /// [`ServiceError::Io`] when the listener fails.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServiceError> {
+        let Service {
+            config,
+            queue,
+            sink,
+        } = self;
+        serve(listener, config, queue, sink, shutdown).await
+    }
+}
+
+async fn serve(
     listener: TcpListener,
     config: Config,
+    queue: Queue,
+    sink: Option<Sink>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    config.validate()?;
     let metrics_handle = metrics::install();
-    let (queue, sink) = backend::open(&config).await?;
-    if config.flush.enabled && sink.is_none() {
-        return Err(ConfigError::Invalid {
-            setting: "clickhouse.url",
-            problem: "a Redis queue needs a ClickHouse sink to flush into (or --no-flush)"
-                .to_owned(),
-        }
-        .into());
-    }
     let (buffer, batcher) = Buffer::start(
         queue.clone(),
         config.batch_settings(),
@@ -336,18 +373,25 @@ async fn accept_events(
         .bulk_add(parsed.events)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    // The permits stay taken until the events are written, even when the request gives up
+    // first: they bound what this process holds in memory, not what it is waiting on.
     let timeout = Duration::from_millis(app.config.http.request_timeout_ms);
-    let written = tokio::time::timeout(timeout, receipt.written()).await;
-    drop(permit);
-    match written {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Err(ApiError::Unavailable(err.to_string())),
+    let mut written = Box::pin(receipt.written());
+    match tokio::time::timeout(timeout, &mut written).await {
+        Ok(result) => {
+            drop(permit);
+            result.map_err(|err| ApiError::Unavailable(err.to_string()))?;
+        }
         Err(_) => {
+            tokio::spawn(async move {
+                let _ = written.await;
+                drop(permit);
+            });
             return Err(ApiError::Unavailable(
                 "events not yet durable within the request timeout (queue unreachable?); \
                  they may still be written"
                     .to_owned(),
-            ))
+            ));
         }
     }
     metrics::events_accepted(count);

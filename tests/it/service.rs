@@ -45,7 +45,11 @@ impl Server {
             .env("CLICKHOUSE_DATABASE", &env.database)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(if std::env::var_os("DEBUG_SERVE").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::piped()
+            })
             .spawn()
             .expect("spillway serve starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -406,47 +410,152 @@ async fn metrics_are_present_and_move() {
 async fn readiness_turns_false_when_redis_stops() {
     let env = TestEnv::new().await;
     env.create_table(SchemaVariant::Legacy, "events").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let dir = std::env::temp_dir().join(format!("spillway-redis-{port}"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-        ])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
-    let url = format!("redis://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let server = Server::start_with(&env, &url, &[]);
+    let mut redis = OwnRedis::start().await;
+    let server = Server::start_with(&env, &redis.url(), &[]);
     let (status, body) = server.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
 
-    redis.kill().expect("stop redis");
-    redis.wait().expect("stopped");
+    redis.stop();
     let (status, body) = server.get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     let answer: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(answer["ready"], false);
     assert_ne!(answer["queue"], "ok");
     assert_eq!(answer["sink"], "ok");
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A Redis server of the test's own, on a free port, to stop and start.
+struct OwnRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    process: Option<Child>,
+}
+
+impl OwnRedis {
+    async fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = std::env::temp_dir().join(format!("spillway-redis-{port}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut redis = OwnRedis {
+            port,
+            dir,
+            process: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let process = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.process = Some(process);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not start on {}", self.port);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().expect("stop redis");
+            process.wait().expect("stopped");
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn with_redis_down_memory_is_bounded_and_ingest_answers_503() {
+    let env = TestEnv::new().await;
+    env.create_table(SchemaVariant::Legacy, "events").await;
+    let mut redis = OwnRedis::start().await;
+    let server = Server::start_with(
+        &env,
+        &redis.url(),
+        &[
+            "--max-pending-events",
+            "10",
+            "--request-timeout-ms",
+            "300",
+            "--no-flush",
+        ],
+    );
+    redis.stop();
+
+    let eight: Vec<String> = (0..8).map(|i| click(&format!("a{i}"), "p1", i)).collect();
+    let (status, answer) = server
+        .post("application/json", format!("[{}]", eight.join(",")))
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .expect("text")
+            .contains("not yet durable"),
+        "{answer}"
+    );
+
+    let five: Vec<String> = (0..5).map(|i| click(&format!("b{i}"), "p1", i)).collect();
+    let response = server
+        .http
+        .post(server.url("/v1/events"))
+        .body(format!("[{}]", five.join(",")))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let answer: Value = response.json().await.expect("json");
+    assert!(
+        answer["error"]
+            .as_str()
+            .expect("text")
+            .starts_with("buffer full"),
+        "{answer}"
+    );
+
+    // Redis returns: the eight events held in memory are written after all.
+    redis.restart().await;
+    let mut queued = 0;
+    for _ in 0..100 {
+        let (_, body) = server.get("/v1/buffer").await;
+        queued =
+            serde_json::from_str::<Value>(&body).map_or(0, |v| v["queued"].as_u64().unwrap_or(0));
+        if queued == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(queued, 8);
 }
 
 #[tokio::test]
