@@ -566,30 +566,53 @@ async fn flush_loop(
     wakeup: Arc<Notify>,
     mut closing: watch::Receiver<bool>,
 ) {
+    let mut failures = 0u32;
     loop {
         if *closing.borrow() {
             return;
         }
-        let full = match flusher.flush_once().await {
+        let pause = match flusher.flush_once().await {
             Ok(FlushOutcome::Flushed(report)) => {
+                failures = 0;
                 tracing::debug!(rows = report.rows, batch = %report.batch_id, "flushed");
-                report.rows + report.dead_lettered >= batch_size
+                if report.rows + report.dead_lettered >= batch_size {
+                    continue;
+                }
+                interval
             }
-            Ok(FlushOutcome::Empty | FlushOutcome::Busy) => false,
+            Ok(FlushOutcome::Empty | FlushOutcome::Busy) => {
+                failures = 0;
+                interval
+            }
             Err(err) => {
-                tracing::warn!(error = %err, "flush failed; the batch stays in flight and is retried");
-                false
+                failures = failures.saturating_add(1);
+                let pause = backoff(interval, failures);
+                tracing::warn!(
+                    error = %err,
+                    failures,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "flush failed; the batch stays in flight and is retried"
+                );
+                pause
             }
         };
-        if full {
-            continue;
-        }
         tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = wakeup.notified() => {}
+            () = tokio::time::sleep(pause) => {}
+            () = wakeup.notified(), if failures == 0 => {}
             _ = closing.changed() => return,
         }
     }
+}
+
+/// Exponential backoff from `base`, capped at 30 s, with ±20% jitter so that flushers that
+/// failed together do not retry together.
+fn backoff(base: Duration, failures: u32) -> Duration {
+    let exponential = base.saturating_mul(1 << failures.min(10)).min(Duration::from_secs(30));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let jitter = 0.8 + 0.4 * f64::from(nanos % 1000) / 1000.0;
+    exponential.mul_f64(jitter)
 }
 
 /// Samples the queue's sizes into gauges.
@@ -603,5 +626,19 @@ async fn sample_loop(queue: Queue, mut closing: watch::Receiver<bool>) {
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = closing.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_caps_with_jitter() {
+        let base = Duration::from_secs(1);
+        let first = backoff(base, 1);
+        assert!(first >= Duration::from_millis(1600) && first <= Duration::from_millis(2400));
+        let late = backoff(base, 20);
+        assert!(late >= Duration::from_secs(24) && late <= Duration::from_secs(36), "{late:?}");
     }
 }
