@@ -79,6 +79,9 @@ pub struct Event {
     profile_id: Option<String>,
     session_id: Option<String>,
     created_at: Timestamp,
+    /// Byte offset of the top-level `duration` value in `json`, so the queue can set it
+    /// without scanning the text.
+    duration_at: Option<usize>,
 }
 
 impl Event {
@@ -95,6 +98,8 @@ impl Event {
     /// # Errors
     /// Returns an [`EventError`] naming what was wrong.
     pub fn parse_at(json: &str, now: Timestamp) -> Result<Event, EventError> {
+        // Whitespace around the object is not part of it; the object itself is kept as sent.
+        let json = json.trim();
         let fields = Fields::parse(json)?;
         let (name, project_id) = fields.name_and_project()?;
         let profile_id = fields.id("profile_id")?;
@@ -105,15 +110,22 @@ impl Event {
                 return Err(field_error("duration", "must be a non-negative number"));
             }
         }
-        let (created_at, json) = match fields.get("created_at") {
-            Some(raw) if raw.get() != "null" => (parse_created_at(raw)?, json.to_owned()),
+        let (created_at, json, duration_at) = match fields.get("created_at") {
+            Some(raw) if raw.get() != "null" => {
+                let duration_at = fields.get("duration").map(|d| fields.span(d).start);
+                (parse_created_at(raw)?, json.to_owned(), duration_at)
+            }
             missing => {
                 let value = format!("\"{}\"", time::format_millis(now));
                 let json = match missing {
                     Some(null) => replace_value(json, null, &value),
                     None => insert_field(json, "created_at", &value),
                 };
-                (now, json)
+                // The text moved: find the duration again (rare: only without created_at).
+                let duration_at = Fields::parse(&json)
+                    .ok()
+                    .and_then(|f| f.get("duration").map(|d| f.span(d).start));
+                (now, json, duration_at)
             }
         };
         let kind = match (name.as_ref(), &session_id) {
@@ -129,6 +141,7 @@ impl Event {
             profile_id,
             session_id,
             created_at,
+            duration_at,
         })
     }
 
@@ -172,6 +185,26 @@ impl Event {
     #[must_use]
     pub fn created_at(&self) -> Timestamp {
         self.created_at
+    }
+
+    /// Byte offset of the top-level `duration` value in [`Event::json`], if it has one.
+    #[must_use]
+    pub fn duration_at(&self) -> Option<usize> {
+        self.duration_at
+    }
+
+    /// The value a held screen view is stored as: `{"ts":<created_at ms>,"at":<1-based offset
+    /// of duration in the event, 0 if none>,"event":<json>}`. Readers of the seed's
+    /// `{"event","ts"}` layout (OpenPanel's `JSON.parse`, its Lua `cjson.decode`) read it the
+    /// same; the leading numbers let `enqueue.lua` release the view without scanning it.
+    #[must_use]
+    pub fn held_value(&self) -> String {
+        let at = self.duration_at.map_or(0, |offset| offset + 1);
+        format!(
+            "{{\"ts\":{},\"at\":{at},\"event\":{}}}",
+            self.created_at.as_millis(),
+            self.json
+        )
     }
 }
 

@@ -31,14 +31,14 @@ pub enum FlushError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     /// An insert failed; the batch stays in flight and is retried by the next flush.
-    #[error("insert of chunk {chunk} of batch {batch_id} failed: {source}")]
+    #[error("insert of chunk {chunk} of batch {batch_id} failed: {error}")]
     Sink {
         /// The batch.
         batch_id: String,
         /// Index of the chunk that failed.
         chunk: usize,
         /// What the sink reported.
-        source: SinkError,
+        error: SinkError,
     },
 }
 
@@ -109,8 +109,8 @@ impl Flusher {
             Ok(_) => {}
             Err(err) => {
                 metrics::flush_retry();
-                if let FlushError::Sink { source, .. } = err {
-                    metrics::sink_error(source.kind());
+                if let FlushError::Sink { error, .. } = err {
+                    metrics::sink_error(error.kind());
                 }
             }
         }
@@ -166,10 +166,10 @@ impl Flusher {
             let started = std::time::Instant::now();
             let inserted = self.sink.insert(chunk, &chunk_token).await;
             metrics::sink_request(started.elapsed());
-            inserted.map_err(|source| FlushError::Sink {
+            inserted.map_err(|error| FlushError::Sink {
                 batch_id: claim.batch_id.clone(),
                 chunk: index,
-                source,
+                error,
             })?;
             self.queue
                 .progress(token, index + 1, self.settings.lock_ttl)

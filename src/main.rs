@@ -382,7 +382,7 @@ async fn import(file: &PathBuf, config: &Config) -> anyhow::Result<()> {
             std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
         Box::new(BufReader::with_capacity(1 << 20, f))
     };
-    let (queue, _sink) = backend::open(config).await?;
+    let queue = backend::open_queue(config).await?;
     let (buffer, batcher) = Buffer::start(queue, config.batch_settings(), config.held_settings());
     let started = Instant::now();
     let (mut accepted, mut rejected) = (0usize, 0usize);

@@ -44,7 +44,13 @@ pub enum ServiceError {
     Backend(#[from] BackendError),
     /// The listener failed.
     #[error("HTTP server failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ServiceError {
+    fn from(error: std::io::Error) -> Self {
+        ServiceError::Io(error)
+    }
 }
 
 /// The routes, as the OpenAPI document lists them (kept equal by a test).
@@ -607,7 +613,9 @@ async fn flush_loop(
 /// Exponential backoff from `base`, capped at 30 s, with ±20% jitter so that flushers that
 /// failed together do not retry together.
 fn backoff(base: Duration, failures: u32) -> Duration {
-    let exponential = base.saturating_mul(1 << failures.min(10)).min(Duration::from_secs(30));
+    let exponential = base
+        .saturating_mul(1 << failures.min(10))
+        .min(Duration::from_secs(30));
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -639,6 +647,9 @@ mod tests {
         let first = backoff(base, 1);
         assert!(first >= Duration::from_millis(1600) && first <= Duration::from_millis(2400));
         let late = backoff(base, 20);
-        assert!(late >= Duration::from_secs(24) && late <= Duration::from_secs(36), "{late:?}");
+        assert!(
+            late >= Duration::from_secs(24) && late <= Duration::from_secs(36),
+            "{late:?}"
+        );
     }
 }

@@ -27,22 +27,30 @@ use crate::time::Timestamp;
 #[non_exhaustive]
 pub enum QueueError {
     /// The backend could not be reached at start.
-    #[error("cannot reach Redis at {url}: {source}")]
+    #[error("cannot reach Redis at {url}: {error}")]
     Connect {
         /// The URL, password redacted.
         url: String,
         /// What the client reported.
-        source: ::redis::RedisError,
+        error: ::redis::RedisError,
     },
     /// A command failed.
     #[error("Redis command failed: {0}")]
-    Redis(#[from] ::redis::RedisError),
+    Redis(::redis::RedisError),
     /// The flush lock expired and another flusher holds it now.
     #[error("the flush lock was lost to another flusher")]
     LockLost,
     /// A stored value is not in the expected format.
     #[error("corrupt value: {0}")]
     Corrupt(String),
+}
+
+// By hand rather than `#[from]`: the message already carries the cause, and a `source` would
+// make error chains print it twice.
+impl From<::redis::RedisError> for QueueError {
+    fn from(error: ::redis::RedisError) -> Self {
+        QueueError::Redis(error)
+    }
 }
 
 impl QueueError {

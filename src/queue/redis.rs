@@ -3,7 +3,7 @@
 //! ```text
 //! <prefix>event_buffer:queue                               list    queued event JSON, oldest first
 //! <prefix>event_buffer:total_count                         string  == LLEN queue (repaired when missing)
-//! <prefix>event_buffer:last_screen_view:session:<session>  string  {"event":<json>,"ts":<ms>}, EX 3600
+//! <prefix>event_buffer:last_screen_view:session:<session>  string  {"ts":<ms>,"at":<n>,"event":<json>}, EX 3600
 //! <prefix>event_buffer:last_screen_view:profile:<p>:<pr>   string  same value, newest view of the profile
 //! <prefix>live:visitors:<project>                          zset    profile -> last heartbeat ms
 //! <prefix>live:visitor:<project>:<profile>                 string  "1", expires after the visitor window
@@ -114,9 +114,9 @@ impl RedisQueue {
     /// # Errors
     /// [`QueueError::Connect`] when the URL is invalid or the server does not answer.
     pub async fn connect(url: &str, prefix: &str, held: HeldSettings) -> Result<Self, QueueError> {
-        let connect_error = |source| QueueError::Connect {
+        let connect_error = |error| QueueError::Connect {
             url: redact_url(url),
-            source,
+            error,
         };
         let client = redis::Client::open(url).map_err(connect_error)?;
         let config = ConnectionManagerConfig::new()
@@ -171,9 +171,7 @@ impl RedisQueue {
                         }
                         None => "v",
                     };
-                    call.arg(kind)
-                        .arg(event.json())
-                        .arg(event.created_at().as_millis());
+                    call.arg(kind).arg(event.held_value());
                 }
                 (EventKind::SessionEnd, Some(session)) => {
                     call.key(keys.session_view(session));
@@ -184,10 +182,10 @@ impl RedisQueue {
                         }
                         None => "x",
                     };
-                    call.arg(kind).arg(event.json()).arg("");
+                    call.arg(kind).arg(event.json());
                 }
                 _ => {
-                    call.arg("e").arg(event.json()).arg("");
+                    call.arg("e").arg(event.json());
                 }
             }
         }
@@ -195,8 +193,7 @@ impl RedisQueue {
             call.key(keys.visitors(project))
                 .key(keys.heartbeat(project, profile))
                 .arg("h")
-                .arg(profile.as_str())
-                .arg("");
+                .arg(profile.as_str());
         }
         let mut conn = self.conn.clone();
         call.invoke_async::<i64>(&mut conn).await?;

@@ -17,7 +17,7 @@ use crate::time::Timestamp;
 pub enum SinkError {
     /// The server could not be reached or the request did not complete.
     #[error("ClickHouse request failed: {0}")]
-    Transport(#[from] reqwest::Error),
+    Transport(String),
     /// The server answered with an error.
     #[error("ClickHouse error (HTTP {status}, code {code}): {message}")]
     Server {
@@ -48,6 +48,20 @@ const DATA_ERROR_CODES: &[u32] = &[
     131, // TOO_LARGE_STRING_SIZE
     321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
 ];
+
+// The transport error with its causes, which `reqwest` keeps out of its own message.
+impl From<reqwest::Error> for SinkError {
+    fn from(error: reqwest::Error) -> Self {
+        let mut message = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(inner) = cause {
+            message.push_str(": ");
+            message.push_str(&inner.to_string());
+            cause = inner.source();
+        }
+        SinkError::Transport(message)
+    }
+}
 
 impl SinkError {
     /// The one place that decides whether a failed insert is retried: transport errors, server

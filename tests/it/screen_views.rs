@@ -291,3 +291,31 @@ async fn noscript_after_script_flush_loses_no_event() {
     assert_eq!(field(&queued[0], "duration"), 1000);
     assert_eq!(queued[1], c);
 }
+
+#[tokio::test]
+async fn a_view_held_by_openpanel_itself_is_released_with_its_text_intact() {
+    let env = TestEnv::new().await;
+    let buffer = env.buffer();
+    // The seed's own layout, as OpenPanel's TypeScript writes it (JSON.stringify({event, ts})).
+    let held = screen_view("a", "s1", "u1", 1000);
+    let mut redis = env.redis.clone();
+    let value = format!(r#"{{"event":{held},"ts":1717200001000}}"#);
+    let _: () = redis
+        .set(env.key("event_buffer:last_screen_view:session:s1"), value)
+        .await
+        .expect("SET");
+    assert_eq!(
+        env.queue
+            .last_screen_view_by_session("s1")
+            .await
+            .expect("read")
+            .as_deref(),
+        Some(held.as_str())
+    );
+    env.add_all(&buffer, &[&screen_view("b", "s1", "u1", 4000)])
+        .await;
+    assert_eq!(
+        env.queued().await,
+        vec![held.replace(r#""duration":0"#, r#""duration":3000"#)]
+    );
+}

@@ -8,20 +8,23 @@
 -- ARGV[2]   live-visitor window, seconds
 -- ARGV[3]   heartbeat refresh period, seconds
 -- ARGV[4]   now, epoch milliseconds
--- ARGV[5..] ops, three arguments each: kind, payload, ts
+-- ARGV[5..] ops, two arguments each: kind, payload
 --
---   kind  payload      ts            keys                      effect
---   e     event JSON   -             -                         queue the event
---   v|V   event JSON   created_at ms session [, profile if V]  hold it; queue the previously held
---                                                              view with duration = ts - its ts
---   x|X   event JSON   -             session [, profile if X]  queue the held view unchanged, then
---                                                              the event; forget the profile's view
---   h     profile id   -             visitors zset, heartbeat  refresh the visitor's heartbeat
+--   kind  payload      keys                      effect
+--   e     event JSON   -                         queue the event
+--   v|V   held value   session [, profile if V]  hold it; queue the previously held view with
+--                                                duration = its ts - the previous ts
+--   x|X   event JSON   session [, profile if X]  queue the held view unchanged, then the event;
+--                                                forget the profile's view
+--   h     profile id   visitors zset, heartbeat  refresh the visitor's heartbeat
 --
+-- A held value is {"ts":<created_at ms>,"at":<1-based offset of the event's top-level
+-- "duration" value, 0 if none>,"event":<event JSON>}: the seed's {"event","ts"} object with its
+-- numbers first, so this script reads them without scanning the event.
 -- Atomicity: a script runs alone, so the whole micro-batch lands or none of it does. The marker
 -- makes a call that is retried after a lost reply a no-op (returns -1), so a retry never queues
--- the batch twice. Held views keep the seed's value format {"event":<json>,"ts":<ms>}, but the
--- event's text is never decoded: only its top-level "duration" is rewritten, by string surgery.
+-- the batch twice. The event's text is never decoded: on release only its top-level "duration"
+-- is rewritten, by string surgery.
 
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 3600) then
   return -1
@@ -68,10 +71,17 @@ local function find_duration(json)
   end
 end
 
--- The event with its top-level duration set to ms; every other byte unchanged.
-local function set_duration(json, ms)
+-- The event with its top-level duration set to ms; every other byte unchanged. `at` is the
+-- 1-based offset of the duration value (0: there is none; nil: unknown, scan for it).
+local function set_duration(json, ms, at)
   local text = string.format('%d', ms)
-  local vs, ve = find_duration(json)
+  local vs, ve
+  if at == nil then
+    vs, ve = find_duration(json)
+  elseif at > 0 then
+    vs = at
+    ve = (string.find(json, '[^%d%.eE%+%-]', at) or (#json + 1)) - 1
+  end
   if vs then
     return string.sub(json, 1, vs - 1) .. text .. string.sub(json, ve + 1)
   end
@@ -83,38 +93,42 @@ local function set_duration(json, ms)
   return body .. ',"duration":' .. text .. '}'
 end
 
--- Splits a held value into the event's JSON text and its timestamp.
+-- Splits a held value into the event's JSON text, its timestamp and its duration offset.
 local function split_held(value)
-  local json, ts = string.match(value, '^{"event":(.*),"ts":(%-?%d+)}$')
-  if json then return json, tonumber(ts) end
-  -- A value written by another producer (cjson orders keys freely): decode as a last resort.
+  local ts, at, start = string.match(value, '^{"ts":(%-?%d+),"at":(%d+),"event":()')
+  if ts then
+    return string.sub(value, start, -2), tonumber(ts), tonumber(at)
+  end
+  -- The seed's own layout, as OpenPanel writes it.
+  local json, seed_ts = string.match(value, '^{"event":(.*),"ts":(%-?%d+)}$')
+  if json then return json, tonumber(seed_ts), nil end
+  -- Another producer's key order: decode as a last resort.
   local ok, decoded = pcall(cjson.decode, value)
   if ok and type(decoded) == 'table' and type(decoded.event) == 'table' then
-    return cjson.encode(decoded.event), tonumber(decoded.ts)
+    return cjson.encode(decoded.event), tonumber(decoded.ts), nil
   end
   -- Unreadable: queue it as it is, so the flusher dead-letters it with a reason.
-  return value, nil
+  return value, nil, nil
 end
 
 local out = {}
 local k = 4
-for i = 5, #ARGV, 3 do
+for i = 5, #ARGV, 2 do
   local kind, payload = ARGV[i], ARGV[i + 1]
   if kind == 'e' then
     out[#out + 1] = payload
   elseif kind == 'v' or kind == 'V' then
-    local ts = tonumber(ARGV[i + 2])
-    local value = '{"event":' .. payload .. ',"ts":' .. ARGV[i + 2] .. '}'
-    local previous = redis.call('SET', KEYS[k], value, 'EX', held_ttl, 'GET')
+    local previous = redis.call('SET', KEYS[k], payload, 'EX', held_ttl, 'GET')
     k = k + 1
     if kind == 'V' then
-      redis.call('SET', KEYS[k], value, 'EX', held_ttl)
+      redis.call('SET', KEYS[k], payload, 'EX', held_ttl)
       k = k + 1
     end
     if previous then
-      local json, prev_ts = split_held(previous)
+      local json, prev_ts, at = split_held(previous)
       if prev_ts then
-        json = set_duration(json, math.max(0, ts - prev_ts))
+        local ts = tonumber(string.match(payload, '^{"ts":(%-?%d+)'))
+        json = set_duration(json, math.max(0, ts - prev_ts), at)
       end
       out[#out + 1] = json
     end
