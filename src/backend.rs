@@ -66,9 +66,11 @@ pub async fn open_sink(config: &Config) -> Result<Option<Sink>, BackendError> {
 pub fn describe(queue: &Queue, sink: Option<&Sink>) -> String {
     let queue = match queue {
         Queue::Redis(_) => "redis",
+        Queue::Embedded(_) => "embedded",
     };
     let sink = match sink {
         Some(Sink::ClickHouse(_)) => "clickhouse",
+        Some(Sink::Embedded(_)) => "embedded",
         None => "none",
     };
     format!("{queue}+{sink}")

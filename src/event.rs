@@ -235,6 +235,11 @@ impl<'a> Fields<'a> {
         })
     }
 
+    /// The whole JSON text the fields were read from.
+    pub(crate) fn source(&self) -> &'a str {
+        self.source
+    }
+
     /// The fields in the order they were written.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &'a RawValue)> {
         self.entries.iter().map(|(k, v)| (k.as_ref(), *v))

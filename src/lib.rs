@@ -4,10 +4,11 @@
 //!
 //! - [`event`]: parses and validates one JSON event, keeping its text as sent.
 //! - [`batcher`]: gathers events into micro-batches and writes each in one atomic call.
-//! - [`queue`]: the durable queue (Redis, OpenPanel's key layout): held screen views,
-//!   live visitors, the flush lock, in-flight batches and the dead-letter list.
+//! - [`queue`]: the durable queue (Redis in OpenPanel's key layout, or one SQLite file): held
+//!   screen views, live visitors, the flush lock, in-flight batches and the dead-letter list.
 //! - [`flusher`]: claims batches, sorts them by `created_at`, inserts them chunk by chunk.
-//! - [`sink`]: ClickHouse over HTTP, rows shaped to the target table's columns.
+//! - [`sink`]: ClickHouse over HTTP, rows shaped to the target table's columns, or a table in
+//!   the embedded queue's SQLite file.
 //!
 //! [`config`] holds each stage's settings with the reference design's defaults, and [`time`]
 //! the timestamp type. `ARCHITECTURE.md` states the invariants.
@@ -29,6 +30,6 @@ pub use batcher::{Buffer, BufferError, Receipt};
 pub use config::{BatchSettings, ClickHouseSettings, FlushSettings, HeldSettings};
 pub use event::{Event, EventError, EventKind};
 pub use flusher::{DrainReport, FlushError, FlushOutcome, FlushReport, Flusher};
-pub use queue::{BatchFeed, Queue, QueueError, QueueStats, RedisQueue};
-pub use sink::{ClickHouseSink, SchemaVariant, Sink, SinkError};
+pub use queue::{BatchFeed, Queue, QueueError, QueueStats, RedisQueue, SqliteQueue};
+pub use sink::{ClickHouseSink, SchemaVariant, Sink, SinkError, SqliteSink};
 pub use time::Timestamp;

@@ -13,9 +13,14 @@
 //! there, and the next lock holder resumes it from the first chunk not recorded as done.
 
 mod redis;
+mod sqlite;
 
 pub(crate) use self::redis::redact_url;
 pub use self::redis::RedisQueue;
+pub(crate) use self::sqlite::Db;
+#[cfg(test)]
+pub(crate) use self::sqlite::Scratch;
+pub use self::sqlite::SqliteQueue;
 
 use std::time::Duration;
 
@@ -43,6 +48,26 @@ pub enum QueueError {
     /// A stored value is not in the expected format.
     #[error("corrupt value: {0}")]
     Corrupt(String),
+    /// The embedded queue's SQLite database failed.
+    #[error("SQLite queue failed: {0}")]
+    Sqlite(rusqlite::Error),
+    /// Another process has the embedded queue's data directory open: one process per directory.
+    #[error(
+        "data directory {dir} is in use by another spillway process \
+         (lock file {dir}/spillway.lock, which holds its pid)"
+    )]
+    InUse {
+        /// The data directory.
+        dir: String,
+    },
+    /// The embedded queue's data directory could not be created or locked.
+    #[error("data directory {dir}: {error}")]
+    DataDir {
+        /// The data directory.
+        dir: String,
+        /// What the file system reported.
+        error: std::io::Error,
+    },
 }
 
 // By hand rather than `#[from]`: the message already carries the cause, and a `source` would
@@ -53,13 +78,31 @@ impl From<::redis::RedisError> for QueueError {
     }
 }
 
+impl From<rusqlite::Error> for QueueError {
+    fn from(error: rusqlite::Error) -> Self {
+        QueueError::Sqlite(error)
+    }
+}
+
 impl QueueError {
     /// Whether retrying the same operation later may succeed.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
             QueueError::Connect { .. } | QueueError::Redis(_) => true,
-            QueueError::LockLost | QueueError::Corrupt(_) => false,
+            // A busy database frees up; a full disk may be cleared, as Redis' OOM.
+            QueueError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::DiskFull
+                )
+            ),
+            QueueError::LockLost
+            | QueueError::Corrupt(_)
+            | QueueError::InUse { .. }
+            | QueueError::DataDir { .. } => false,
         }
     }
 }
@@ -109,12 +152,17 @@ pub struct QueueStats {
 pub enum Queue {
     /// Redis, in OpenPanel's key layout. Durable as far as Redis persistence is configured.
     Redis(RedisQueue),
+    /// One SQLite file in a data directory: no server to run. Survives a crash of the process;
+    /// a power loss may take the last commits. One process per directory, so the flush lock and
+    /// batch notifications only reach flushers and subscribers in that process.
+    Embedded(SqliteQueue),
 }
 
 impl Queue {
     pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<(), QueueError> {
         match self {
             Queue::Redis(q) => q.write(batch).await,
+            Queue::Embedded(q) => q.write(batch).await,
         }
     }
 
@@ -128,6 +176,7 @@ impl Queue {
     ) -> Result<Option<String>, QueueError> {
         match self {
             Queue::Redis(q) => q.last_screen_view_by_session(session).await,
+            Queue::Embedded(q) => q.last_screen_view_by_session(session).await,
         }
     }
 
@@ -142,6 +191,7 @@ impl Queue {
     ) -> Result<Option<String>, QueueError> {
         match self {
             Queue::Redis(q) => q.last_screen_view_by_profile(project, profile).await,
+            Queue::Embedded(q) => q.last_screen_view_by_profile(project, profile).await,
         }
     }
 
@@ -152,6 +202,7 @@ impl Queue {
     pub async fn size(&self) -> Result<u64, QueueError> {
         match self {
             Queue::Redis(q) => q.size().await,
+            Queue::Embedded(q) => q.size().await,
         }
     }
 
@@ -162,6 +213,7 @@ impl Queue {
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         match self {
             Queue::Redis(q) => q.stats().await,
+            Queue::Embedded(q) => q.stats().await,
         }
     }
 
@@ -176,6 +228,7 @@ impl Queue {
     ) -> Result<u64, QueueError> {
         match self {
             Queue::Redis(q) => q.active_visitor_count(project, now).await,
+            Queue::Embedded(q) => q.active_visitor_count(project, now).await,
         }
     }
 
@@ -186,6 +239,7 @@ impl Queue {
     pub async fn dead_letters(&self) -> Result<Vec<String>, QueueError> {
         match self {
             Queue::Redis(q) => q.dead_letters().await,
+            Queue::Embedded(q) => q.dead_letters().await,
         }
     }
 
@@ -196,18 +250,21 @@ impl Queue {
     pub async fn subscribe(&self) -> Result<BatchFeed, QueueError> {
         match self {
             Queue::Redis(q) => q.subscribe().await,
+            Queue::Embedded(q) => q.subscribe().await,
         }
     }
 
     pub(crate) async fn try_lock(&self, token: &str, ttl: Duration) -> Result<bool, QueueError> {
         match self {
             Queue::Redis(q) => q.try_lock(token, ttl).await,
+            Queue::Embedded(q) => q.try_lock(token, ttl).await,
         }
     }
 
     pub(crate) async fn unlock(&self, token: &str) -> Result<(), QueueError> {
         match self {
             Queue::Redis(q) => q.unlock(token).await,
+            Queue::Embedded(q) => q.unlock(token).await,
         }
     }
 
@@ -219,6 +276,7 @@ impl Queue {
     ) -> Result<Claim, QueueError> {
         match self {
             Queue::Redis(q) => q.claim(token, max, new_id).await,
+            Queue::Embedded(q) => q.claim(token, max, new_id).await,
         }
     }
 
@@ -230,18 +288,21 @@ impl Queue {
     ) -> Result<(), QueueError> {
         match self {
             Queue::Redis(q) => q.progress(token, chunks_done, ttl).await,
+            Queue::Embedded(q) => q.progress(token, chunks_done, ttl).await,
         }
     }
 
     pub(crate) async fn commit(&self, token: &str, dead: &[String]) -> Result<(), QueueError> {
         match self {
             Queue::Redis(q) => q.commit(token, dead).await,
+            Queue::Embedded(q) => q.commit(token, dead).await,
         }
     }
 
     pub(crate) async fn publish(&self, payload: &str) -> Result<(), QueueError> {
         match self {
             Queue::Redis(q) => q.publish(payload).await,
+            Queue::Embedded(q) => q.publish(payload).await,
         }
     }
 }

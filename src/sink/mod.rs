@@ -5,8 +5,10 @@
 //! by it turns a retried insert into a no-op.
 
 mod clickhouse;
+mod sqlite;
 
 pub use self::clickhouse::{ClickHouseSink, SchemaVariant};
+pub use self::sqlite::SqliteSink;
 
 use crate::event::Fields;
 use crate::time::Timestamp;
@@ -31,6 +33,9 @@ pub enum SinkError {
     /// The configuration or the target table is unusable.
     #[error("{0}")]
     Setup(String),
+    /// The embedded sink's SQLite database failed.
+    #[error("SQLite sink failed: {0}")]
+    Sqlite(rusqlite::Error),
 }
 
 /// ClickHouse exception codes that mean the data itself was rejected: retrying cannot help.
@@ -63,6 +68,13 @@ impl From<reqwest::Error> for SinkError {
     }
 }
 
+// By hand rather than `#[from]`, so error chains do not print the cause twice.
+impl From<rusqlite::Error> for SinkError {
+    fn from(error: rusqlite::Error) -> Self {
+        SinkError::Sqlite(error)
+    }
+}
+
 impl SinkError {
     /// The one place that decides whether a failed insert is retried: transport errors, server
     /// overload and unknown server errors are; errors about the data and setup errors are not.
@@ -74,6 +86,10 @@ impl SinkError {
                 *status == 429 || *status >= 500 && !DATA_ERROR_CODES.contains(code)
             }
             SinkError::Setup(_) => false,
+            SinkError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
         }
     }
 
@@ -85,6 +101,7 @@ impl SinkError {
             SinkError::Server { .. } if self.is_retryable() => "server",
             SinkError::Server { .. } => "rejected",
             SinkError::Setup(_) => "setup",
+            SinkError::Sqlite(_) => "sqlite",
         }
     }
 }
@@ -98,9 +115,16 @@ pub(crate) struct Row<'a> {
 /// The sink backend.
 #[derive(Clone)]
 #[non_exhaustive]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one sink per flusher, built once; boxing would change how a ClickHouse sink is built"
+)]
 pub enum Sink {
     /// ClickHouse over HTTP, rows shaped to the target table's columns.
     ClickHouse(ClickHouseSink),
+    /// The `events` table in the embedded queue's SQLite file: no server, and each chunk lands
+    /// exactly once, retried or not.
+    Embedded(SqliteSink),
 }
 
 impl Sink {
@@ -108,6 +132,7 @@ impl Sink {
     pub(crate) async fn insert(&self, rows: &[Row<'_>], token: &str) -> Result<(), SinkError> {
         match self {
             Sink::ClickHouse(sink) => sink.insert(rows, token).await,
+            Sink::Embedded(sink) => sink.insert(rows, token).await,
         }
     }
 
@@ -118,6 +143,7 @@ impl Sink {
     pub async fn check(&self) -> Result<(), SinkError> {
         match self {
             Sink::ClickHouse(sink) => sink.ping().await,
+            Sink::Embedded(sink) => sink.check().await,
         }
     }
 }

@@ -10,6 +10,7 @@ mod helpers;
 mod buffer;
 mod cli;
 mod current_clickhouse;
+mod embedded;
 mod flush;
 mod golden;
 mod screen_views;
