@@ -1,8 +1,8 @@
 //! Opening the configured backends: Redis or the embedded queue, ClickHouse or the embedded sink.
 
 use crate::config::Config;
-use crate::queue::{Queue, QueueError, RedisQueue};
-use crate::sink::{ClickHouseSink, Sink, SinkError};
+use crate::queue::{Queue, QueueError, RedisQueue, SqliteQueue};
+use crate::sink::{ClickHouseSink, Sink, SinkError, SqliteSink};
 
 /// A backend that could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -11,11 +11,19 @@ pub enum BackendError {
     /// The queue.
     #[error(transparent)]
     Queue(#[from] QueueError),
-    /// The sink.
+    /// The ClickHouse sink.
     #[error("cannot use ClickHouse at {url}: {error}")]
-    Sink {
+    ClickHouse {
         /// The sink's URL.
         url: String,
+        /// Why.
+        error: SinkError,
+    },
+    /// The embedded sink.
+    #[error("cannot use the embedded sink in {dir}: {error}")]
+    Embedded {
+        /// The data directory.
+        dir: String,
         /// Why.
         error: SinkError,
     },
@@ -27,38 +35,47 @@ pub enum BackendError {
 /// [`BackendError`] naming the backend that cannot be used.
 pub async fn open(config: &Config) -> Result<(Queue, Option<Sink>), BackendError> {
     let queue = open_queue(config).await?;
-    let sink = open_sink(config).await?;
+    let sink = open_sink(config, &queue).await?;
     Ok((queue, sink))
 }
 
-/// Opens the configured queue: Redis when a URL is set.
+/// Opens the configured queue: Redis when a URL is set, else the embedded queue in the data
+/// directory.
 ///
 /// # Errors
-/// [`BackendError::Queue`] when it cannot be reached.
+/// [`BackendError::Queue`] when it cannot be reached or the data directory is in use.
 pub async fn open_queue(config: &Config) -> Result<Queue, BackendError> {
-    match &config.redis {
-        Some(redis) => Ok(Queue::Redis(
+    Ok(match &config.redis {
+        Some(redis) => Queue::Redis(
             RedisQueue::connect(&redis.url, &redis.key_prefix, config.held_settings()).await?,
-        )),
-        None => Err(BackendError::Queue(QueueError::Corrupt(
-            "the embedded queue is not built yet: set REDIS_URL (and CLICKHOUSE_URL)".to_owned(),
-        ))),
-    }
+        ),
+        None => Queue::Embedded(SqliteQueue::open(&config.data_dir, config.held_settings())?),
+    })
 }
 
-/// Opens the configured sink, if any: ClickHouse when a URL is set.
+/// Opens the configured sink: ClickHouse when a URL is set, else the embedded sink next to an
+/// embedded queue. A Redis queue without ClickHouse has no sink (an ingest-only node).
 ///
 /// # Errors
-/// [`BackendError::Sink`] when it cannot be used.
-pub async fn open_sink(config: &Config) -> Result<Option<Sink>, BackendError> {
-    let Some(settings) = config.clickhouse_settings() else {
-        return Ok(None);
-    };
-    let url = settings.url.clone();
-    let sink = ClickHouseSink::connect(settings)
-        .await
-        .map_err(|error| BackendError::Sink { url, error })?;
-    Ok(Some(Sink::ClickHouse(sink)))
+/// [`BackendError::ClickHouse`] or [`BackendError::Embedded`] when it cannot be used.
+pub async fn open_sink(config: &Config, queue: &Queue) -> Result<Option<Sink>, BackendError> {
+    if let Some(settings) = config.clickhouse_settings() {
+        let url = settings.url.clone();
+        let sink = ClickHouseSink::connect(settings)
+            .await
+            .map_err(|error| BackendError::ClickHouse { url, error })?;
+        return Ok(Some(Sink::ClickHouse(sink)));
+    }
+    match queue {
+        Queue::Embedded(queue) => {
+            let sink = SqliteSink::open(queue).map_err(|error| BackendError::Embedded {
+                dir: config.data_dir.display().to_string(),
+                error,
+            })?;
+            Ok(Some(Sink::Embedded(sink)))
+        }
+        Queue::Redis(_) => Ok(None),
+    }
 }
 
 /// A one-line description of the backends, for readiness and the status page.

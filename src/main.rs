@@ -36,6 +36,12 @@ enum Command {
     },
     /// Flush the queue into the sink until it is empty; prints the rows inserted.
     Drain,
+    /// Run read-only SQL on the embedded database (e.g. `SELECT name, count(*) FROM events
+    /// GROUP BY name`); prints tab-separated rows with a header. Works while `serve` runs.
+    Query {
+        /// The SQL statement.
+        sql: String,
+    },
     /// Print the effective configuration (secrets redacted) as TOML.
     Config,
     /// Print the DDL of the ClickHouse events table.
@@ -301,9 +307,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let config = cli.config.load()?;
-    if matches!(cli.command, Command::Config) {
-        print!("{}", config.redacted_toml());
-        return Ok(());
+    match &cli.command {
+        Command::Config => {
+            print!("{}", config.redacted_toml());
+            return Ok(());
+        }
+        Command::Query { sql } => {
+            let (columns, rows) = spillway::sink::query_embedded(&config.data_dir, sql)
+                .with_context(|| format!("cannot query {}", config.data_dir.display()))?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            writeln!(out, "{}", columns.join("\t"))?;
+            for row in rows {
+                writeln!(out, "{}", row.join("\t"))?;
+            }
+            out.flush()?;
+            return Ok(());
+        }
+        _ => {}
     }
     // The one-shot commands print results on stdout; keep their stderr to warnings.
     if matches!(cli.command, Command::Serve | Command::Flush) {
@@ -343,7 +363,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.rows as f64 / secs.max(1e-9)
             );
         }
-        Command::Config | Command::Schema { .. } | Command::Generate { .. } => {}
+        Command::Config
+        | Command::Query { .. }
+        | Command::Schema { .. }
+        | Command::Generate { .. } => {}
     }
     Ok(())
 }

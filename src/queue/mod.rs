@@ -17,10 +17,10 @@ mod sqlite;
 
 pub(crate) use self::redis::redact_url;
 pub use self::redis::RedisQueue;
-pub(crate) use self::sqlite::Db;
 #[cfg(test)]
 pub(crate) use self::sqlite::Scratch;
 pub use self::sqlite::SqliteQueue;
+pub(crate) use self::sqlite::{Db, DB_FILE};
 
 use std::time::Duration;
 

@@ -45,7 +45,7 @@ use crate::config::HeldSettings;
 use crate::event::{self, Event, EventKind};
 use crate::time::{self, Timestamp};
 
-const DB_FILE: &str = "spillway.db";
+pub(crate) const DB_FILE: &str = "spillway.db";
 const LOCK_FILE: &str = "spillway.lock";
 /// How long a micro-batch id is remembered (`EX 3600` of the Redis marker).
 const APPLIED_TTL_MS: i64 = 3_600_000;

@@ -8,7 +8,7 @@ mod clickhouse;
 mod sqlite;
 
 pub use self::clickhouse::{ClickHouseSink, SchemaVariant};
-pub use self::sqlite::SqliteSink;
+pub use self::sqlite::{query as query_embedded, QueryResult, SqliteSink};
 
 use crate::event::Fields;
 use crate::time::Timestamp;

@@ -157,6 +157,41 @@ fn integer(raw: &RawValue) -> i64 {
         .unwrap_or(0)
 }
 
+/// The result of [`query`]: column names and rows, each value as text.
+pub type QueryResult = (Vec<String>, Vec<Vec<String>>);
+
+/// Runs one read-only SQL statement on the embedded database in `dir`, for `spillway query`.
+/// It opens the file read-only and takes no lock, so it works while `spillway serve` runs.
+///
+/// # Errors
+/// [`SinkError::Sqlite`] when the file is missing or the statement fails (writes are refused).
+pub fn query(dir: &std::path::Path, sql: &str) -> Result<QueryResult, SinkError> {
+    use rusqlite::types::ValueRef;
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.join(crate::queue::DB_FILE),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let mut statement = conn.prepare(sql)?;
+    let columns: Vec<String> = statement.column_names().map(str::to_owned).collect();
+    let width = columns.len();
+    let rows = statement
+        .query_map([], |row| {
+            (0..width)
+                .map(|i| {
+                    Ok(match row.get_ref(i)? {
+                        ValueRef::Null => "NULL".to_owned(),
+                        ValueRef::Integer(n) => n.to_string(),
+                        ValueRef::Real(x) => x.to_string(),
+                        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                        ValueRef::Blob(b) => format!("<{} bytes>", b.len()),
+                    })
+                })
+                .collect::<Result<Vec<String>, rusqlite::Error>>()
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((columns, rows))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
