@@ -145,6 +145,10 @@ impl SqliteQueue {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        // This process holds the directory lock, so no other process can be flushing: a flush
+        // lock still in the table belongs to a process that died. Without this, a restart after
+        // `kill -9` would wait out the lock's TTL before resuming the abandoned batch.
+        conn.execute("DELETE FROM flush_lock", [])?;
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         Ok(SqliteQueue {
             db: Arc::new(Db {

@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::helpers::*;
 struct Server {
     child: Child,
     base: String,
+    logs: Arc<std::sync::Mutex<String>>,
     http: reqwest::Client,
 }
 
@@ -35,21 +35,43 @@ impl Server {
     }
 
     fn start_with(env: &TestEnv, redis_url: &str, args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+        command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--flush-interval-ms", "100"])
             .args(args)
             .env("REDIS_URL", redis_url)
             .env("SPILLWAY_KEY_PREFIX", &env.prefix)
             .env("CLICKHOUSE_URL", &env.clickhouse_url)
-            .env("CLICKHOUSE_DATABASE", &env.database)
+            .env("CLICKHOUSE_DATABASE", &env.database);
+        Server::spawn(command)
+    }
+
+    /// Starts `spillway serve` on its embedded default in `dir`, with no servers at all.
+    fn start_embedded(dir: &std::path::Path, args: &[&str]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+        command
+            .arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--flush-interval-ms",
+                "100",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .args(args)
+            .env_remove("REDIS_URL")
+            .env_remove("CLICKHOUSE_URL");
+        Server::spawn(command)
+    }
+
+    /// Spawns the command, waits for its "listening" line, and collects its logs.
+    fn spawn(mut command: Command) -> Server {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("DEBUG_SERVE").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::piped()
-            })
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spillway serve starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -57,6 +79,20 @@ impl Server {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("first line");
+        // Drain the logs so a chatty server never blocks on a full pipe.
+        let logs = Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("DEBUG_SERVE").is_some() {
+                    eprintln!("{line}");
+                }
+                let mut logs = sink.lock().expect("logs");
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
         let base = line
             .trim()
             .strip_prefix("spillway listening on ")
@@ -65,8 +101,20 @@ impl Server {
         Server {
             child,
             base,
+            logs,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// What the server logged so far.
+    fn logs(&self) -> String {
+        self.logs.lock().expect("logs").clone()
+    }
+
+    /// Kills the process with SIGKILL: no shutdown sequence at all.
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("killed");
     }
 
     fn url(&self, path: &str) -> String {
@@ -293,9 +341,15 @@ async fn write_keys_guard_their_projects_and_never_leak() {
     let (_, metrics) = server.get("/metrics").await;
     assert!(!metrics.contains("s3cret"));
     server.terminate();
-    let mut logs = String::new();
-    std::io::Read::read_to_string(&mut server.child.stderr.take().expect("stderr"), &mut logs)
-        .expect("logs");
+    let mut logs = server.logs();
+    for _ in 0..50 {
+        if logs.contains("shutdown complete") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        logs = server.logs();
+    }
+    assert!(logs.contains("shutdown complete"), "{logs}");
     assert!(!logs.contains("s3cret"), "{logs}");
 }
 
@@ -562,60 +616,22 @@ async fn with_redis_down_memory_is_bounded_and_ingest_answers_503() {
 async fn sigterm_under_load_loses_no_acknowledged_event() {
     let env = TestEnv::new().await;
     let mut server = Server::start(&env, &[]).await;
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let mut senders = Vec::new();
-    for sender in 0..4 {
-        let (http, url, acknowledged) = (
-            server.http.clone(),
-            server.url("/v1/events"),
-            acknowledged.clone(),
-        );
-        senders.push(tokio::spawn(async move {
-            for request in 0..10_000 {
-                let body: Vec<String> = (0..20)
-                    .map(|i| {
-                        format!(
-                            r#"{{"id":"{}","name":"click","project_id":"p1","created_at":"{}","path":"/{sender}/{request}/{i}"}}"#,
-                            uuid::Uuid::new_v4(),
-                            at(i)
-                        )
-                    })
-                    .collect();
-                let Ok(response) = http.post(&url).body(format!("[{}]", body.join(","))).send().await else {
-                    return;
-                };
-                if response.status().as_u16() != 202 {
-                    return;
-                }
-                let answer: Value = response.json().await.expect("json");
-                let accepted = answer["accepted"].as_u64().expect("count") as usize;
-                acknowledged.fetch_add(accepted, Ordering::SeqCst);
-            }
-        }));
-    }
-    while acknowledged.load(Ordering::SeqCst) < 2000 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stream = EventStream::start(&server, 4, 20);
+    stream.wait_for(2000).await;
     let status = server.terminate();
     assert!(status.success(), "exit status {status}");
-    for sender in senders {
-        sender.await.expect("sender");
-    }
-    // What the service had not flushed yet is still queued: drain it, then count.
+    let acknowledged = stream.finish().await;
+    // What the service had not flushed yet is still queued: drain it, then compare.
     let flusher = spillway::Flusher::new(
         env.queue.clone(),
         env.sink("events").await,
         flush_settings(4000, 1000),
     );
     flusher.drain().await.expect("drain");
-    let acknowledged = acknowledged.load(Ordering::SeqCst);
-    let counts = env
-        .sql(&format!(
-            "SELECT count(), uniqExact(id) FROM {}.events",
-            env.database
-        ))
+    let landed = env
+        .sql(&format!("SELECT toString(id) FROM {}.events", env.database))
         .await;
-    assert_eq!(counts.trim(), format!("{acknowledged}\t{acknowledged}"));
+    assert_landed_once(&acknowledged, landed.lines());
 }
 
 #[tokio::test]
@@ -711,4 +727,200 @@ fn config_prints_the_effective_settings_redacted_and_rejects_bad_values() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown field `chunk_sise`"), "{stderr}");
     let _ = std::fs::remove_file(file);
+}
+
+/// A fresh data directory, removed on drop.
+struct DataDir(std::path::PathBuf);
+
+impl DataDir {
+    fn new() -> DataDir {
+        DataDir(
+            std::env::temp_dir().join(format!("spillway-serve-{}", uuid::Uuid::new_v4().simple())),
+        )
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `spillway query` on a data directory, as the README shows it.
+fn query(dir: &std::path::Path, sql: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["query", sql, "--data-dir"])
+        .arg(dir)
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("spillway query runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until nothing is queued or in flight.
+async fn wait_until_flushed(server: &Server) {
+    for _ in 0..200 {
+        let (_, body) = server.get("/v1/buffer").await;
+        let stats: Value = serde_json::from_str(&body).expect("json");
+        if stats["queued"] == 0 && stats["in_flight"] == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the queue did not drain");
+}
+
+#[tokio::test]
+async fn with_no_servers_events_land_in_the_embedded_sink_and_are_queryable() {
+    let dir = DataDir::new();
+    let server = Server::start_embedded(&dir.0, &[]);
+    let body = r#"[
+      {"name":"screen_view","project_id":"p1","session_id":"s1","profile_id":"u1","path":"/","created_at":"2024-06-01 10:00:00.000"},
+      {"name":"screen_view","project_id":"p1","session_id":"s1","profile_id":"u1","path":"/pricing","created_at":"2024-06-01 10:00:42.500"},
+      {"name":"click","project_id":"p1"}]"#;
+    assert_eq!(
+        server.post("application/json", body).await,
+        (202, json!({"accepted": 3, "rejected": []}))
+    );
+    let (status, held) = server.get("/v1/sessions/s1/last-screen-view").await;
+    assert_eq!(status, 200);
+    assert!(held.contains("/pricing"));
+    assert_eq!(
+        server.get("/v1/projects/p1/live-visitors").await.1,
+        r#"{"count":1}"#
+    );
+    wait_until_flushed(&server).await;
+
+    let rows = query(
+        &dir.0,
+        "SELECT name, json_extract(event, '$.path'), duration FROM events ORDER BY name DESC",
+    );
+    assert_eq!(
+        rows,
+        "name\tjson_extract(event, '$.path')\tduration\nscreen_view\t/\t42500\nclick\tNULL\t0\n"
+    );
+    let (_, ready) = server.get("/readyz").await;
+    assert!(
+        ready.contains(r#""backend":"embedded+embedded""#),
+        "{ready}"
+    );
+
+    // A second process on the same directory refuses to start, with a clear message.
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir.0)
+        .env_remove("REDIS_URL")
+        .env_remove("CLICKHOUSE_URL")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in use by another spillway process"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sigkill_mid_stream_then_restart_lands_every_acknowledged_event_once() {
+    let dir = DataDir::new();
+    let mut server = Server::start_embedded(&dir.0, &[]);
+    let stream = EventStream::start(&server, 3, 25);
+    stream.wait_for(3000).await;
+    server.kill();
+    let acknowledged = stream.finish().await;
+
+    let server = Server::start_embedded(&dir.0, &[]);
+    wait_until_flushed(&server).await;
+    let landed = query(&dir.0, "SELECT id FROM events");
+    assert_landed_once(&acknowledged, landed.lines().skip(1));
+}
+
+/// Clients sending batches of clicks with fresh ids until the server stops answering; they
+/// record the id of every event acknowledged with `202`.
+struct EventStream {
+    acknowledged: Arc<std::sync::Mutex<Vec<String>>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl EventStream {
+    fn start(server: &Server, clients: usize, per_request: u64) -> EventStream {
+        let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let senders = (0..clients)
+            .map(|client| {
+                let (http, url) = (server.http.clone(), server.url("/v1/events"));
+                let acknowledged = acknowledged.clone();
+                tokio::spawn(async move {
+                    for request in 0..100_000 {
+                        let ids: Vec<String> =
+                            (0..per_request).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+                        let events: Vec<String> = ids
+                            .iter()
+                            .zip(0..)
+                            .map(|(id, i)| {
+                                format!(
+                                    r#"{{"id":"{id}","name":"click","project_id":"p1","created_at":"{}","path":"/{client}/{request}/{i}"}}"#,
+                                    at(i)
+                                )
+                            })
+                            .collect();
+                        let body = format!("[{}]", events.join(","));
+                        let Ok(response) = http.post(&url).body(body).send().await else {
+                            return;
+                        };
+                        if response.status().as_u16() != 202 {
+                            return;
+                        }
+                        acknowledged.lock().expect("ids").extend(ids);
+                    }
+                })
+            })
+            .collect();
+        EventStream {
+            acknowledged,
+            senders,
+        }
+    }
+
+    /// Waits until at least `count` events are acknowledged.
+    async fn wait_for(&self, count: usize) {
+        while self.acknowledged.lock().expect("ids").len() < count {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for the clients to stop; returns the acknowledged ids.
+    async fn finish(self) -> Vec<String> {
+        for sender in self.senders {
+            sender.await.expect("sender");
+        }
+        let ids = self.acknowledged.lock().expect("ids").clone();
+        ids
+    }
+}
+
+/// Every acknowledged id landed exactly once, and nothing landed twice. (An event written but
+/// whose `202` was lost with the connection may land too: the client would retry it.)
+fn assert_landed_once<'a>(acknowledged: &[String], landed: impl Iterator<Item = &'a str>) {
+    let mut times: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for id in landed {
+        *times.entry(id.trim()).or_default() += 1;
+    }
+    let duplicated = times.values().filter(|n| **n > 1).count();
+    let lost = acknowledged
+        .iter()
+        .filter(|id| !times.contains_key(id.as_str()))
+        .count();
+    assert_eq!(
+        (lost, duplicated),
+        (0, 0),
+        "{} acknowledged, {} landed: lost, duplicated",
+        acknowledged.len(),
+        times.len()
+    );
 }
