@@ -290,6 +290,9 @@ pub struct HeldConfig {
     pub visitor_window_secs: u64,
     /// Heartbeat refresh period, s.
     pub heartbeat_refresh_secs: u64,
+    /// A held screen view whose session sent nothing for this long is released unchanged (as a
+    /// `session_end` would), s; below `ttl_secs`, so none is lost to expiry.
+    pub idle_release_secs: u64,
 }
 
 impl Default for HeldConfig {
@@ -298,6 +301,7 @@ impl Default for HeldConfig {
             ttl_secs: 3600,
             visitor_window_secs: 300,
             heartbeat_refresh_secs: 60,
+            idle_release_secs: 1800,
         }
     }
 }
@@ -402,6 +406,12 @@ impl Config {
             return invalid(
                 "held.heartbeat_refresh_secs",
                 "must be less than held.visitor_window_secs",
+            );
+        }
+        if self.held.idle_release_secs >= self.held.ttl_secs {
+            return invalid(
+                "held.idle_release_secs",
+                "must be less than held.ttl_secs, or quiet sessions' views expire unwritten",
             );
         }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {

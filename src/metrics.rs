@@ -114,7 +114,20 @@ pub(crate) fn queue_sampled(stats: &QueueStats) {
 }
 
 /// Held screen views, sampled.
-#[allow(dead_code)] // sampled once the embedded queue lands (held_count)
 pub(crate) fn held_sampled(count: u64) {
     gauge!("spillway_held_screen_views").set(count as f64);
+}
+
+/// Held views released unchanged because their session went quiet.
+pub(crate) fn held_views_released_idle(count: usize) {
+    counter!("spillway_held_views_released_idle_total").increment(count as u64);
+}
+
+/// Drift between the queue counter and the queue's length found (and corrected) by the last
+/// reconcile; every correction is also counted.
+pub(crate) fn counter_drift(drift: i64) {
+    gauge!("spillway_queue_counter_drift_events").set(drift as f64);
+    if drift != 0 {
+        counter!("spillway_queue_counter_corrections_total").increment(1);
+    }
 }

@@ -30,7 +30,7 @@ use crate::flusher::{FlushOutcome, Flusher};
 use crate::ingest::{self, BodyFormat, IngestError, Limits};
 use crate::queue::Queue;
 use crate::sink::Sink;
-use crate::{metrics, time, Buffer};
+use crate::{metrics, time, Buffer, Timestamp};
 
 /// Errors that stop the service.
 #[derive(Debug, thiserror::Error)]
@@ -158,14 +158,10 @@ async fn serve(
     let mut tasks = Vec::new();
     if config.flush.enabled {
         if let Some(sink) = &sink {
-            let flusher = Flusher::new(queue.clone(), sink.clone(), config.flush_settings());
-            tasks.push(tokio::spawn(flush_loop(
-                flusher,
-                config.flush.batch_size,
-                Duration::from_millis(config.flush.interval_ms),
-                flush_wakeup.clone(),
-                closing.clone(),
-            )));
+            let flush_loop = FlushLoop::new(&config, queue.clone(), sink.clone());
+            tasks.push(tokio::spawn(
+                flush_loop.run(flush_wakeup.clone(), closing.clone()),
+            ));
         }
     }
     tasks.push(tokio::spawn(sample_loop(queue.clone(), closing.clone())));
@@ -230,14 +226,8 @@ pub async fn run_flusher(
         .into());
     };
     let (closing_tx, closing) = watch::channel(false);
-    let flusher = Flusher::new(queue, sink, config.flush_settings());
-    let worker = tokio::spawn(flush_loop(
-        flusher,
-        config.flush.batch_size,
-        Duration::from_millis(config.flush.interval_ms),
-        Arc::new(Notify::new()),
-        closing,
-    ));
+    let worker =
+        tokio::spawn(FlushLoop::new(&config, queue, sink).run(Arc::new(Notify::new()), closing));
     shutdown.await;
     let _ = closing_tx.send(true);
     let timeout = Duration::from_millis(config.shutdown_timeout_ms);
@@ -443,7 +433,17 @@ fn unavailable(err: impl std::fmt::Display) -> ApiError {
 
 async fn buffer_stats(State(app): State<AppState>) -> Result<Response, ApiError> {
     let stats = app.queue.stats().await.map_err(unavailable)?;
-    Ok(Json(stats).into_response())
+    let held = app.queue.held_count().await.map_err(unavailable)?;
+    let oldest = app.queue.oldest_queued_at().await.map_err(unavailable)?;
+    let age = oldest.map(|at| (time::now().as_millis() - at.as_millis()).max(0));
+    Ok(Json(json!({
+        "queued": stats.queued,
+        "in_flight": stats.in_flight,
+        "dead_letter": stats.dead_letter,
+        "held_screen_views": held,
+        "oldest_queued_age_ms": age,
+    }))
+    .into_response())
 }
 
 async fn live_visitors(
@@ -563,49 +563,85 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// Flushes while batches are full; otherwise waits for the interval or a wake-up. Stops between
-/// flushes once shutdown starts, so the flush in progress always finishes.
-async fn flush_loop(
+/// The background flusher of `serve` and `spillway flush`: releases held views whose session
+/// went quiet, then flushes while batches are full; otherwise waits for the interval or a
+/// wake-up. Stops between flushes once shutdown starts, so the flush in progress always
+/// finishes.
+struct FlushLoop {
     flusher: Flusher,
+    queue: Queue,
     batch_size: usize,
     interval: Duration,
-    wakeup: Arc<Notify>,
-    mut closing: watch::Receiver<bool>,
-) {
-    let mut failures = 0u32;
-    loop {
-        if *closing.borrow() {
-            return;
+    /// A held view whose session sent nothing for this long is released unchanged.
+    idle_release: Duration,
+}
+
+/// Held views released per sweep; the rest wait for the next round.
+const SWEEP_MAX: usize = 1000;
+
+impl FlushLoop {
+    fn new(config: &Config, queue: Queue, sink: Sink) -> FlushLoop {
+        FlushLoop {
+            flusher: Flusher::new(queue.clone(), sink, config.flush_settings()),
+            queue,
+            batch_size: config.flush.batch_size,
+            interval: Duration::from_millis(config.flush.interval_ms),
+            idle_release: Duration::from_secs(config.held.idle_release_secs),
         }
-        let pause = match flusher.flush_once().await {
-            Ok(FlushOutcome::Flushed(report)) => {
-                failures = 0;
-                tracing::debug!(rows = report.rows, batch = %report.batch_id, "flushed");
-                if report.rows + report.dead_lettered >= batch_size {
-                    continue;
+    }
+
+    /// Releases the held views of sessions quiet for longer than `idle_release`.
+    async fn sweep(&self) {
+        let idle = i64::try_from(self.idle_release.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = Timestamp::from_millis(time::now().as_millis().saturating_sub(idle));
+        match self.queue.sweep_idle(cutoff, SWEEP_MAX).await {
+            Ok(0) => {}
+            Ok(released) => {
+                metrics::held_views_released_idle(released);
+                tracing::info!(released, "released held screen views of quiet sessions");
+            }
+            Err(err) => tracing::warn!(error = %err, "sweeping quiet sessions failed"),
+        }
+    }
+
+    async fn run(self, wakeup: Arc<Notify>, mut closing: watch::Receiver<bool>) {
+        let (flusher, batch_size, interval) = (&self.flusher, self.batch_size, self.interval);
+        let mut failures = 0u32;
+        loop {
+            if *closing.borrow() {
+                return;
+            }
+            self.sweep().await;
+            let pause = match flusher.flush_once().await {
+                Ok(FlushOutcome::Flushed(report)) => {
+                    failures = 0;
+                    tracing::debug!(rows = report.rows, batch = %report.batch_id, "flushed");
+                    if report.rows + report.dead_lettered >= batch_size {
+                        continue;
+                    }
+                    interval
                 }
-                interval
+                Ok(FlushOutcome::Empty | FlushOutcome::Busy) => {
+                    failures = 0;
+                    interval
+                }
+                Err(err) => {
+                    failures = failures.saturating_add(1);
+                    let pause = backoff(interval, failures);
+                    tracing::warn!(
+                        error = %err,
+                        failures,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "flush failed; the batch stays in flight and is retried"
+                    );
+                    pause
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = wakeup.notified(), if failures == 0 => {}
+                _ = closing.changed() => return,
             }
-            Ok(FlushOutcome::Empty | FlushOutcome::Busy) => {
-                failures = 0;
-                interval
-            }
-            Err(err) => {
-                failures = failures.saturating_add(1);
-                let pause = backoff(interval, failures);
-                tracing::warn!(
-                    error = %err,
-                    failures,
-                    retry_in_ms = pause.as_millis() as u64,
-                    "flush failed; the batch stays in flight and is retried"
-                );
-                pause
-            }
-        };
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = wakeup.notified(), if failures == 0 => {}
-            _ = closing.changed() => return,
         }
     }
 }
@@ -623,12 +659,29 @@ fn backoff(base: Duration, failures: u32) -> Duration {
     exponential.mul_f64(jitter)
 }
 
-/// Samples the queue's sizes into gauges.
+/// Samples the queue's sizes into gauges every 5 s, and reconciles the queue counter with the
+/// queue's length every minute.
 async fn sample_loop(queue: Queue, mut closing: watch::Receiver<bool>) {
-    loop {
+    for round in 0u64.. {
         match queue.stats().await {
             Ok(stats) => metrics::queue_sampled(&stats),
             Err(err) => tracing::debug!(error = %err, "queue stats unavailable"),
+        }
+        if let Ok(held) = queue.held_count().await {
+            metrics::held_sampled(held);
+        }
+        if round % 12 == 0 {
+            match queue.reconcile().await {
+                Ok(0) => metrics::counter_drift(0),
+                Ok(drift) => {
+                    metrics::counter_drift(drift);
+                    tracing::warn!(
+                        drift,
+                        "queue counter drifted from the queue's length; reset"
+                    );
+                }
+                Err(err) => tracing::debug!(error = %err, "counter reconcile failed"),
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(5)) => {}

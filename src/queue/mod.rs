@@ -254,6 +254,53 @@ impl Queue {
         }
     }
 
+    /// Releases, unchanged and as a `session_end` would, up to `max` held screen views whose
+    /// session has been quiet since `cutoff`; returns how many were queued.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn sweep_idle(&self, cutoff: Timestamp, max: usize) -> Result<usize, QueueError> {
+        match self {
+            Queue::Redis(q) => q.sweep_idle(cutoff, max).await,
+            Queue::Embedded(q) => q.sweep_idle(cutoff, max).await,
+        }
+    }
+
+    /// Sets the queue counter to the queue's length; returns the drift corrected (always 0 on
+    /// the embedded queue, which counts rows).
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn reconcile(&self) -> Result<i64, QueueError> {
+        match self {
+            Queue::Redis(q) => q.reconcile().await,
+            Queue::Embedded(_) => Ok(0),
+        }
+    }
+
+    /// Held screen views.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn held_count(&self) -> Result<u64, QueueError> {
+        match self {
+            Queue::Redis(q) => q.held_count().await,
+            Queue::Embedded(q) => q.held_count().await,
+        }
+    }
+
+    /// When the oldest queued event happened (its `created_at`), if any is queued.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn oldest_queued_at(&self) -> Result<Option<Timestamp>, QueueError> {
+        let entry = match self {
+            Queue::Redis(q) => q.oldest_queued().await?,
+            Queue::Embedded(q) => q.oldest_queued().await?,
+        };
+        Ok(entry.and_then(|e| crate::event::read_queued(&e).ok().map(|(_, at)| at)))
+    }
+
     pub(crate) async fn try_lock(&self, token: &str, ttl: Duration) -> Result<bool, QueueError> {
         match self {
             Queue::Redis(q) => q.try_lock(token, ttl).await,

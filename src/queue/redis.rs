@@ -12,6 +12,7 @@
 //! <prefix>event_buffer:inflight:meta                       hash    batch_id, chunks_done
 //! <prefix>event_buffer:dead_letter                         list    {"reason","entry","at"} records
 //! <prefix>event_buffer:applied:<micro-batch id>            string  marker, EX 3600 (retry guard)
+//! <prefix>event_buffer:held_index                          zset    session view key -> held at ms
 //! <prefix>events:batch                                     channel {"projectId","count"} per flush
 //! ```
 //!
@@ -35,7 +36,20 @@ use crate::config::HeldSettings;
 use crate::event::EventKind;
 use crate::time::Timestamp;
 
-static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/enqueue.lua")));
+static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/held.lua"),
+        include_str!("lua/enqueue.lua")
+    ))
+});
+static SWEEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/held.lua"),
+        include_str!("lua/sweep.lua")
+    ))
+});
+static RECONCILE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/reconcile.lua")));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
 static PROGRESS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/progress.lua")));
 static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/commit.lua")));
@@ -79,6 +93,9 @@ impl Keys {
     }
     pub(crate) fn channel(&self) -> String {
         self.key("events:batch")
+    }
+    pub(crate) fn held_index(&self) -> String {
+        self.key("event_buffer:held_index")
     }
     pub(crate) fn applied(&self, batch_id: &str) -> String {
         self.key(&format!("event_buffer:applied:{batch_id}"))
@@ -153,6 +170,7 @@ impl RedisQueue {
         call.key(keys.queue())
             .key(keys.counter())
             .key(keys.applied(batch.id))
+            .key(keys.held_index())
             .arg(self.held.ttl.as_secs())
             .arg(self.held.visitor_window.as_secs())
             .arg(self.held.heartbeat_refresh.as_secs())
@@ -244,6 +262,47 @@ impl RedisQueue {
             .invoke_async(&mut conn)
             .await?;
         Ok(size.max(0).unsigned_abs())
+    }
+
+    /// Releases, unchanged, the held views whose session has been quiet since `cutoff`.
+    pub(crate) async fn sweep_idle(
+        &self,
+        cutoff: Timestamp,
+        max: usize,
+    ) -> Result<usize, QueueError> {
+        let mut conn = self.conn.clone();
+        let released: usize = SWEEP
+            .key(self.keys.held_index())
+            .key(self.keys.queue())
+            .key(self.keys.counter())
+            .arg(cutoff.as_millis())
+            .arg(max)
+            .arg(&self.keys.prefix)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(released)
+    }
+
+    /// Sets the counter to the queue's length; returns the drift it corrected.
+    pub(crate) async fn reconcile(&self) -> Result<i64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(RECONCILE
+            .key(self.keys.queue())
+            .key(self.keys.counter())
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Held screen views (sessions in the held-view index).
+    pub(crate) async fn held_count(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zcard(self.keys.held_index()).await?)
+    }
+
+    /// The oldest queued entry, if any.
+    pub(crate) async fn oldest_queued(&self) -> Result<Option<String>, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.lindex(self.keys.queue(), 0).await?)
     }
 
     /// Queue, in-flight and dead-letter sizes in one round trip.

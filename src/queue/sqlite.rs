@@ -242,6 +242,81 @@ impl SqliteQueue {
             .await
     }
 
+    /// Releases, unchanged, the live held views whose session has been quiet since `cutoff`
+    /// (held at or before it), as `sweep.lua` does.
+    pub(crate) async fn sweep_idle(
+        &self,
+        cutoff: Timestamp,
+        max: usize,
+    ) -> Result<usize, QueueError> {
+        // A view's expiry is its hold time plus the TTL.
+        let expires_by = cutoff.as_millis().saturating_add(millis(self.held.ttl));
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let now = time::now().as_millis();
+                let idle: Vec<(String, String)> = tx
+                    .prepare_cached(
+                        "SELECT session, event FROM held_sessions \
+                         WHERE expires_ms <= ?1 AND expires_ms > ?2 ORDER BY expires_ms LIMIT ?3",
+                    )?
+                    .query_map(params![expires_by, now, max], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (session, json) in &idle {
+                    tx.prepare_cached("DELETE FROM held_sessions WHERE session = ?1")?
+                        .execute([session])?;
+                    // The profile's view is forgotten when it is this same view.
+                    if let Ok(event) = Event::parse(json) {
+                        if let Some(profile) = event.profile_id() {
+                            tx.prepare_cached(
+                                "DELETE FROM held_profiles \
+                                 WHERE project = ?1 AND profile = ?2 AND event = ?3",
+                            )?
+                            .execute([
+                                event.project_id(),
+                                profile,
+                                json.as_str(),
+                            ])?;
+                        }
+                    }
+                    enqueue(&tx, json)?;
+                }
+                tx.commit()?;
+                Ok(idle.len())
+            })
+            .await
+    }
+
+    /// Live held screen views.
+    pub(crate) async fn held_count(&self) -> Result<u64, QueueError> {
+        self.db
+            .call(|conn| {
+                let now = time::now().as_millis();
+                Ok(conn.query_row(
+                    "SELECT count(*) FROM held_sessions WHERE expires_ms > ?1",
+                    [now],
+                    |row| row.get(0),
+                )?)
+            })
+            .await
+    }
+
+    /// The oldest queued entry, if any.
+    pub(crate) async fn oldest_queued(&self) -> Result<Option<String>, QueueError> {
+        self.db
+            .call(|conn| {
+                Ok(conn
+                    .query_row("SELECT entry FROM queue ORDER BY seq LIMIT 1", [], |row| {
+                        row.get(0)
+                    })
+                    .optional()?)
+            })
+            .await
+    }
+
     /// Queue, in-flight and dead-letter sizes, from one snapshot.
     pub(crate) async fn stats(&self) -> Result<QueueStats, QueueError> {
         self.db

@@ -13,6 +13,7 @@ mod current_clickhouse;
 mod embedded;
 mod flush;
 mod golden;
+mod reliability;
 mod screen_views;
 mod service;
 mod visitors;

@@ -383,6 +383,9 @@ async fn query_endpoints_read_what_the_buffer_holds() {
     assert_eq!(status, 200);
     let stats: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(stats["dead_letter"], 0);
+    assert_eq!(stats["held_screen_views"], 1);
+    assert_eq!(stats["queued"], 0);
+    assert_eq!(stats["oldest_queued_age_ms"], Value::Null, "nothing queued");
     assert_eq!(server.get("/healthz").await, (200, "ok\n".to_owned()));
 }
 
