@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::config::FlushSettings;
-use crate::event::{self, EventError};
+use crate::event;
 use crate::metrics;
 use crate::queue::{Queue, QueueError};
-use crate::sink::{Row, Sink, SinkError};
+use crate::sink::{Attempt, Row, Sink, SinkError};
 use crate::time;
 
 /// Errors of a flush.
@@ -162,24 +162,72 @@ impl Flusher {
             if index < claim.chunks_done {
                 continue;
             }
+            // The first chunk not recorded as done may have landed before this flush: its
+            // flusher failed or died during or right after the insert.
+            let attempt = if claim.resumed && index == claim.chunks_done {
+                Attempt::Retry
+            } else {
+                Attempt::First
+            };
             let chunk_token = format!("{}:{index}", claim.batch_id);
-            let started = std::time::Instant::now();
-            let inserted = self.sink.insert(chunk, &chunk_token).await;
-            metrics::sink_request(started.elapsed());
-            inserted.map_err(|error| FlushError::Sink {
-                batch_id: claim.batch_id.clone(),
-                chunk: index,
-                error,
-            })?;
+            let mut rejected = Vec::new();
+            let requests = self
+                .insert_chunk(chunk, &chunk_token, attempt, &mut rejected)
+                .await
+                .map_err(|error| FlushError::Sink {
+                    batch_id: claim.batch_id.clone(),
+                    chunk: index,
+                    error,
+                })?;
             self.queue
-                .progress(token, index + 1, self.settings.lock_ttl)
+                .progress(token, index + 1, self.settings.lock_ttl, &rejected)
                 .await?;
-            report.rows += chunk.len();
-            report.chunks += 1;
+            report.rows += chunk.len() - rejected.len();
+            report.chunks += requests;
+            report.dead_lettered += rejected.len();
         }
         self.queue.commit(token, &dead).await?;
         self.publish(&rows).await;
         Ok(FlushOutcome::Flushed(report))
+    }
+
+    /// Inserts one chunk and returns the insert requests it took. Rows the sink refuses for their
+    /// data are isolated by halving the chunk (sub-chunks get the tokens `<token>/0` and
+    /// `<token>/1`, the same on every attempt) and become dead-letter records in `rejected`
+    /// with the sink's message; the other rows land.
+    async fn insert_chunk(
+        &self,
+        rows: &[Row<'_>],
+        token: &str,
+        attempt: Attempt,
+        rejected: &mut Vec<String>,
+    ) -> Result<usize, SinkError> {
+        let started = std::time::Instant::now();
+        let inserted = self.sink.insert(rows, token, attempt).await;
+        metrics::sink_request(started.elapsed());
+        match inserted {
+            Ok(()) => Ok(1),
+            Err(error) if error.is_data_error() => {
+                metrics::sink_error(error.kind());
+                if let [row] = rows {
+                    tracing::warn!(error = %error, "the sink rejected a row; dead-lettered");
+                    rejected.push(dead_letter_record(
+                        row.fields.source(),
+                        &error.to_string(),
+                        "rejected_by_sink",
+                    ));
+                    return Ok(1);
+                }
+                let (left, right) = rows.split_at(rows.len() / 2);
+                let (left_token, right_token) = (format!("{token}/0"), format!("{token}/1"));
+                let left =
+                    Box::pin(self.insert_chunk(left, &left_token, attempt, rejected)).await?;
+                let right =
+                    Box::pin(self.insert_chunk(right, &right_token, attempt, rejected)).await?;
+                Ok(1 + left + right)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// One notification per project, as OpenPanel's `publishEvent('events', 'batch', ...)`.
@@ -219,17 +267,17 @@ fn prepare(entries: &[String]) -> (Vec<Row<'_>>, Vec<String>) {
     for entry in entries {
         match event::read_queued(entry) {
             Ok((fields, created_at)) => rows.push(Row { created_at, fields }),
-            Err(err) => dead.push(dead_letter_record(entry, &err)),
+            Err(err) => dead.push(dead_letter_record(entry, &err.to_string(), err.code())),
         }
     }
     rows.sort_by_key(|row| row.created_at);
     (rows, dead)
 }
 
-fn dead_letter_record(entry: &str, err: &EventError) -> String {
+fn dead_letter_record(entry: &str, reason: &str, code: &str) -> String {
     serde_json::json!({
-        "reason": err.to_string(),
-        "code": err.code(),
+        "reason": reason,
+        "code": code,
         "entry": entry,
         "at": time::format_millis(time::now()),
     })

@@ -332,10 +332,11 @@ impl Queue {
         token: &str,
         chunks_done: usize,
         ttl: Duration,
+        dead: &[String],
     ) -> Result<(), QueueError> {
         match self {
-            Queue::Redis(q) => q.progress(token, chunks_done, ttl).await,
-            Queue::Embedded(q) => q.progress(token, chunks_done, ttl).await,
+            Queue::Redis(q) => q.progress(token, chunks_done, ttl, dead).await,
+            Queue::Embedded(q) => q.progress(token, chunks_done, ttl, dead).await,
         }
     }
 

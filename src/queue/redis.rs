@@ -401,15 +401,20 @@ impl RedisQueue {
         token: &str,
         chunks_done: usize,
         ttl: Duration,
+        dead: &[String],
     ) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        PROGRESS
-            .key(self.keys.lock())
+        let mut call = PROGRESS.prepare_invoke();
+        call.key(self.keys.lock())
             .key(self.keys.in_flight_meta())
+            .key(self.keys.dead_letter())
             .arg(token)
             .arg(chunks_done)
-            .arg(ttl_millis(ttl))
-            .invoke_async::<i64>(&mut conn)
+            .arg(ttl_millis(ttl));
+        for record in dead {
+            call.arg(record.as_str());
+        }
+        call.invoke_async::<i64>(&mut conn)
             .await
             .map_err(lock_lost)?;
         Ok(())

@@ -467,13 +467,19 @@ impl SqliteQueue {
         token: &str,
         chunks_done: usize,
         ttl: Duration,
+        dead: &[String],
     ) -> Result<(), QueueError> {
         let token = token.to_owned();
+        let dead = dead.to_vec();
         self.db
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 check_lock(&tx, &token)?;
                 tx.execute("UPDATE in_flight_meta SET chunks_done = ?1", [chunks_done])?;
+                for record in &dead {
+                    tx.prepare_cached("INSERT INTO dead_letter (record) VALUES (?1)")?
+                        .execute([record])?;
+                }
                 let expires = time::now().as_millis().saturating_add(millis(ttl));
                 tx.execute("UPDATE flush_lock SET expires_ms = ?1", [expires])?;
                 tx.commit()?;
@@ -791,7 +797,7 @@ mod tests {
         );
         let lost = [
             q.claim("a", 10, "x").await.err(),
-            q.progress("a", 1, minute).await.err(),
+            q.progress("a", 1, minute, &[]).await.err(),
             q.commit("a", &[]).await.err(),
         ];
         for err in lost {

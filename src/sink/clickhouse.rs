@@ -17,13 +17,13 @@
 //! `non_replicated_deduplication_window`, as `spillway schema` does).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 use reqwest::Url;
 use serde::Deserialize;
 
-use super::{Row, SinkError};
+use super::{Attempt, Row, SinkError};
 use crate::config::ClickHouseSettings;
 use crate::event::Fields;
 use crate::time::{self, Timestamp};
@@ -246,12 +246,30 @@ impl ClickHouseSink {
         self.query("SELECT 1").await.map(drop)
     }
 
-    /// Inserts one chunk as a single JSONEachRow request.
-    pub(crate) async fn insert(&self, rows: &[Row<'_>], token: &str) -> Result<(), SinkError> {
+    /// Inserts one chunk as a single JSONEachRow request. On a server without deduplication
+    /// tokens, a chunk that may have landed before is first checked by its rows' ids.
+    pub(crate) async fn insert(
+        &self,
+        rows: &[Row<'_>],
+        token: &str,
+        attempt: Attempt,
+    ) -> Result<(), SinkError> {
+        let landed = match attempt {
+            Attempt::Retry if !self.dedup_tokens => self.landed_ids(rows).await?,
+            _ => HashSet::new(),
+        };
         let mut body = String::with_capacity(rows.len() * 640);
+        let mut count = 0;
         for row in rows {
+            if row_id(row).is_some_and(|id| landed.contains(&id)) {
+                continue;
+            }
             self.shape(row, &mut body);
             body.push('\n');
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(());
         }
         let mut url = self.insert_url.clone();
         if self.dedup_tokens {
@@ -266,6 +284,47 @@ impl ClickHouseSink {
             .send()
             .await?;
         read_response(response).await.map(drop)
+    }
+
+    /// The ids among `rows` that are already in the table. The query is narrowed by the
+    /// primary key's columns (project, time range) so it reads little. Rows without an `id`, or
+    /// a table without one, cannot be checked; they are inserted again.
+    async fn landed_ids(&self, rows: &[Row<'_>]) -> Result<HashSet<String>, SinkError> {
+        let ids: Vec<String> = rows.iter().filter_map(row_id).collect();
+        if ids.is_empty() || !self.columns.contains_key("id") {
+            return Ok(HashSet::new());
+        }
+        let mut conditions = vec![format!("id IN ({})", sql_list(&ids))];
+        if self.columns.contains_key("created_at") {
+            let (first, last) = rows.iter().fold((i64::MAX, i64::MIN), |(lo, hi), row| {
+                let ms = row.created_at.as_millis();
+                (lo.min(ms), hi.max(ms))
+            });
+            conditions.push(format!(
+                "created_at >= toDateTime({}) AND created_at < toDateTime({})",
+                first.div_euclid(1000),
+                last.div_euclid(1000) + 1
+            ));
+        }
+        if self.columns.contains_key("project_id") {
+            let mut projects: Vec<String> = rows
+                .iter()
+                .filter_map(|row| row.fields.get("project_id"))
+                .filter_map(|raw| serde_json::from_str(raw.get()).ok())
+                .collect();
+            projects.sort();
+            projects.dedup();
+            conditions.push(format!("project_id IN ({})", sql_list(&projects)));
+        }
+        let body = self
+            .query(&format!(
+                "SELECT toString(id) FROM `{}`.`{}` WHERE {} FORMAT TabSeparated",
+                self.settings.database,
+                self.settings.table,
+                conditions.join(" AND ")
+            ))
+            .await?;
+        Ok(body.lines().map(str::to_owned).collect())
     }
 
     /// Appends one row, shaped to the table's columns, as a JSON object.
@@ -300,6 +359,22 @@ impl ClickHouseSink {
         }
         out.push('}');
     }
+}
+
+/// A row's `id`, when it is a string.
+fn row_id(row: &Row<'_>) -> Option<String> {
+    row.fields
+        .get("id")
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+}
+
+/// `'a', 'b'`: strings quoted for ClickHouse SQL.
+fn sql_list(values: &[String]) -> String {
+    let quoted: Vec<String> = values
+        .iter()
+        .map(|v| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect();
+    quoted.join(", ")
 }
 
 /// The value to send for one field, or `None` to leave the column at its default.

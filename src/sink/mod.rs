@@ -41,6 +41,7 @@ pub enum SinkError {
 /// ClickHouse exception codes that mean the data itself was rejected: retrying cannot help.
 const DATA_ERROR_CODES: &[u32] = &[
     6,   // CANNOT_PARSE_TEXT
+    25,  // CANNOT_PARSE_ESCAPE_SEQUENCE
     26,  // CANNOT_PARSE_QUOTED_STRING
     27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
     38,  // CANNOT_PARSE_DATE
@@ -52,6 +53,8 @@ const DATA_ERROR_CODES: &[u32] = &[
     117, // INCORRECT_DATA
     131, // TOO_LARGE_STRING_SIZE
     321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    376, // CANNOT_PARSE_UUID
 ];
 
 // The transport error with its causes, which `reqwest` keeps out of its own message.
@@ -93,6 +96,13 @@ impl SinkError {
         }
     }
 
+    /// Whether the sink refused the rows themselves (a value it cannot parse or store): the
+    /// chunk is then split to find the rows at fault, which go to the dead-letter list.
+    #[must_use]
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, SinkError::Server { code, .. } if DATA_ERROR_CODES.contains(code))
+    }
+
     /// A short, fixed label for metrics.
     #[must_use]
     pub fn kind(&self) -> &'static str {
@@ -104,6 +114,17 @@ impl SinkError {
             SinkError::Sqlite(_) => "sqlite",
         }
     }
+}
+
+/// Whether a chunk may already be in the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// Never inserted before: insert it.
+    First,
+    /// An earlier insert of this chunk failed or its flusher died mid-insert: it may have landed.
+    /// Sinks that deduplicate by token need nothing more; ClickHouse before 22.2 checks which of
+    /// the rows' ids are already in the table and inserts only the others.
+    Retry,
 }
 
 /// One row on its way to the sink: the event's fields as sent, and its time.
@@ -128,10 +149,16 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Inserts one chunk. `token` identifies the chunk across retries.
-    pub(crate) async fn insert(&self, rows: &[Row<'_>], token: &str) -> Result<(), SinkError> {
+    /// Inserts one chunk. `token` identifies the chunk across retries; `attempt` says whether
+    /// an earlier insert of it may have landed.
+    pub(crate) async fn insert(
+        &self,
+        rows: &[Row<'_>],
+        token: &str,
+        attempt: Attempt,
+    ) -> Result<(), SinkError> {
         match self {
-            Sink::ClickHouse(sink) => sink.insert(rows, token).await,
+            Sink::ClickHouse(sink) => sink.insert(rows, token, attempt).await,
             Sink::Embedded(sink) => sink.insert(rows, token).await,
         }
     }
