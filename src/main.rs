@@ -42,6 +42,11 @@ enum Command {
         /// The SQL statement.
         sql: String,
     },
+    /// Inspect or act on the dead-letter list.
+    DeadLetter {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Print the effective configuration (secrets redacted) as TOML.
     Config,
     /// Print the DDL of the ClickHouse events table.
@@ -59,6 +64,20 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print the records, oldest first, one JSON object per line (`reason`, `code`, `entry`, `at`).
+    List,
+    /// Queue the records' entries again (an entry still invalid comes back with a new record).
+    Replay {
+        /// Most records to replay.
+        #[arg(long, default_value_t = 10_000)]
+        max: usize,
+    },
+    /// Delete every record.
+    Purge,
 }
 
 /// Settings from flags and environment; they override the config file, which overrides the
@@ -346,6 +365,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             service.run(listener, shutdown_signal()).await?;
         }
         Command::Flush => service::run_flusher(config, shutdown_signal()).await?,
+        Command::DeadLetter { action } => {
+            let queue = backend::open_queue(&config).await?;
+            match action {
+                DeadLetterAction::List => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    for record in queue.dead_letters().await? {
+                        writeln!(out, "{record}")?;
+                    }
+                    out.flush()?;
+                }
+                DeadLetterAction::Replay { max } => {
+                    let replayed = queue.replay_dead_letters(max).await?;
+                    println!("queued {replayed} dead-lettered entries again");
+                }
+                DeadLetterAction::Purge => {
+                    let purged = queue.purge_dead_letters().await?;
+                    println!("deleted {purged} dead-letter records");
+                }
+            }
+        }
         Command::Import { file } => import(&file, &config).await?,
         Command::Drain => {
             let (queue, sink) = backend::open(&config).await?;

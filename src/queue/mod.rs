@@ -266,6 +266,29 @@ impl Queue {
         }
     }
 
+    /// Moves up to `max` dead-letter records' entries back to the queue, oldest first, in one
+    /// step; returns how many. An entry still invalid is dead-lettered again by the next flush.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn replay_dead_letters(&self, max: usize) -> Result<usize, QueueError> {
+        match self {
+            Queue::Redis(q) => q.replay_dead_letters(max).await,
+            Queue::Embedded(q) => q.replay_dead_letters(max).await,
+        }
+    }
+
+    /// Deletes every dead-letter record; returns how many there were.
+    ///
+    /// # Errors
+    /// When the backend fails.
+    pub async fn purge_dead_letters(&self) -> Result<usize, QueueError> {
+        match self {
+            Queue::Redis(q) => q.purge_dead_letters().await,
+            Queue::Embedded(q) => q.purge_dead_letters().await,
+        }
+    }
+
     /// Sets the queue counter to the queue's length; returns the drift corrected (always 0 on
     /// the embedded queue, which counts rows).
     ///

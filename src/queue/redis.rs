@@ -48,6 +48,7 @@ static SWEEP: LazyLock<Script> = LazyLock::new(|| {
         include_str!("lua/sweep.lua")
     ))
 });
+static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/replay.lua")));
 static RECONCILE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/reconcile.lua")));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
@@ -281,6 +282,30 @@ impl RedisQueue {
             .invoke_async(&mut conn)
             .await?;
         Ok(released)
+    }
+
+    /// Moves up to `max` dead-letter records' entries back to the queue.
+    pub(crate) async fn replay_dead_letters(&self, max: usize) -> Result<usize, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(REPLAY
+            .key(self.keys.dead_letter())
+            .key(self.keys.queue())
+            .key(self.keys.counter())
+            .arg(max)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Deletes every dead-letter record; returns how many there were.
+    pub(crate) async fn purge_dead_letters(&self) -> Result<usize, QueueError> {
+        let mut conn = self.conn.clone();
+        let (count, ()): (usize, ()) = redis::pipe()
+            .atomic()
+            .llen(self.keys.dead_letter())
+            .del(self.keys.dead_letter())
+            .query_async(&mut conn)
+            .await?;
+        Ok(count)
     }
 
     /// Sets the counter to the queue's length; returns the drift it corrected.

@@ -290,6 +290,37 @@ impl SqliteQueue {
             .await
     }
 
+    /// Moves up to `max` dead-letter records' entries back to the queue, as `replay.lua`.
+    pub(crate) async fn replay_dead_letters(&self, max: usize) -> Result<usize, QueueError> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let records: Vec<(i64, String)> = tx
+                    .prepare("SELECT seq, record FROM dead_letter ORDER BY seq LIMIT ?1")?
+                    .query_map([max], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (seq, record) in &records {
+                    let entry = serde_json::from_str::<serde_json::Value>(record)
+                        .ok()
+                        .and_then(|r| r["entry"].as_str().map(str::to_owned))
+                        .unwrap_or_else(|| record.clone());
+                    enqueue(&tx, &entry)?;
+                    tx.execute("DELETE FROM dead_letter WHERE seq = ?1", [seq])?;
+                }
+                tx.commit()?;
+                Ok(records.len())
+            })
+            .await
+    }
+
+    /// Deletes every dead-letter record; returns how many there were.
+    pub(crate) async fn purge_dead_letters(&self) -> Result<usize, QueueError> {
+        self.db
+            .call(|conn| Ok(conn.execute("DELETE FROM dead_letter", [])?))
+            .await
+    }
+
     /// Live held screen views.
     pub(crate) async fn held_count(&self) -> Result<u64, QueueError> {
         self.db

@@ -119,3 +119,43 @@ fn schema_prints_both_variants() {
     assert!(stdout.contains("properties String"), "{stdout}");
     assert!(stdout.contains("created_at DateTime,"), "{stdout}");
 }
+
+#[tokio::test]
+async fn dead_letter_list_replay_and_purge() {
+    use redis::AsyncCommands;
+    let env = TestEnv::new().await;
+    env.create_table(SchemaVariant::Legacy, "events").await;
+    let mut redis = env.redis.clone();
+    let _: () = redis
+        .rpush(env.key("event_buffer:queue"), "{not json")
+        .await
+        .expect("RPUSH");
+    let out = spillway(&env, &["drain"]);
+    assert!(
+        text(&out.stdout).contains("(1 dead-lettered)"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = spillway(&env, &["dead-letter", "list"]);
+    let listed = text(&out.stdout);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert_eq!(field(listed.trim(), "entry"), "{not json");
+
+    let out = spillway(&env, &["dead-letter", "replay"]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "queued 1 dead-lettered entries again"
+    );
+    assert_eq!(env.queued().await, vec!["{not json".to_owned()]);
+    assert!(env.queue.dead_letters().await.expect("read").is_empty());
+
+    let out = spillway(&env, &["drain"]);
+    assert!(
+        text(&out.stdout).contains("(1 dead-lettered)"),
+        "still invalid"
+    );
+    let out = spillway(&env, &["dead-letter", "purge"]);
+    assert_eq!(text(&out.stdout).trim(), "deleted 1 dead-letter records");
+    assert_eq!(env.queue.stats().await.expect("stats").dead_letter, 0);
+}

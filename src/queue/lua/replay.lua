@@ -1,0 +1,30 @@
+-- replay.lua: moves up to ARGV[1] dead-letter records back to the queue (their `entry`, as it
+-- was queued), oldest first, in one step. An entry still invalid is dead-lettered again by the
+-- next flush, with a fresh record.
+--
+-- KEYS[1] dead-letter list  KEYS[2] queue list  KEYS[3] queue counter
+-- Returns the number of entries queued again.
+
+local records = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local entries = {}
+for _, record in ipairs(records) do
+  local ok, decoded = pcall(cjson.decode, record)
+  if ok and type(decoded) == 'table' and type(decoded.entry) == 'string' then
+    entries[#entries + 1] = decoded.entry
+  else
+    entries[#entries + 1] = record
+  end
+end
+if #records == 0 then
+  return 0
+end
+redis.call('LTRIM', KEYS[1], #records, -1)
+for i = 1, #entries, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(entries, i, math.min(i + 999, #entries)))
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('INCRBY', KEYS[3], #entries)
+else
+  redis.call('SET', KEYS[3], redis.call('LLEN', KEYS[2]))
+end
+return #entries
