@@ -1,8 +1,10 @@
 //! Opening the configured backends: Redis or the embedded queue, ClickHouse or the embedded sink.
 
 use crate::config::Config;
+use crate::journal::Journal;
 use crate::queue::{Queue, QueueError, RedisQueue, SqliteQueue};
 use crate::sink::{ClickHouseSink, Sink, SinkError, SqliteSink};
+use crate::Buffer;
 
 /// A backend that could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,25 @@ pub async fn open_sink(config: &Config, queue: &Queue) -> Result<Option<Sink>, B
             Ok(Some(Sink::Embedded(sink)))
         }
         Queue::Redis(_) => Ok(None),
+    }
+}
+
+/// Starts the batcher for `queue`; a Redis queue gets the outage journal in the data directory
+/// unless it is disabled.
+///
+/// # Errors
+/// [`BackendError::Queue`] when the journal cannot be opened (another process uses it).
+pub fn start_buffer(
+    config: &Config,
+    queue: Queue,
+) -> Result<(Buffer, tokio::task::JoinHandle<()>), BackendError> {
+    let (batch, held) = (config.batch_settings(), config.held_settings());
+    match &queue {
+        Queue::Redis(_) if config.journal.enabled => {
+            let journal = Journal::open(&config.data_dir, config.journal.max_events)?;
+            Ok(Buffer::start_journaled(queue, batch, held, journal))
+        }
+        _ => Ok(Buffer::start(queue, batch, held)),
     }
 }
 

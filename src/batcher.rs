@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::{BatchSettings, HeldSettings};
 use crate::event::Event;
+use crate::journal::Journal;
 use crate::metrics;
 use crate::queue::{MicroBatch, Queue, QueueError};
 use crate::time;
@@ -71,6 +72,26 @@ impl Buffer {
         batch: BatchSettings,
         held: HeldSettings,
     ) -> (Buffer, JoinHandle<()>) {
+        Buffer::start_with(queue, batch, held, None)
+    }
+
+    /// Starts the batcher task for `queue`, with an outage journal: micro-batches the queue
+    /// cannot take are kept there (and acknowledged) until it can.
+    pub fn start_journaled(
+        queue: Queue,
+        batch: BatchSettings,
+        held: HeldSettings,
+        journal: Journal,
+    ) -> (Buffer, JoinHandle<()>) {
+        Buffer::start_with(queue, batch, held, Some(journal))
+    }
+
+    fn start_with(
+        queue: Queue,
+        batch: BatchSettings,
+        held: HeldSettings,
+        journal: Option<Journal>,
+    ) -> (Buffer, JoinHandle<()>) {
         // The channel holds commands, not events; bulk adds make a command carry many.
         let capacity = (batch.max_pending / batch.max_events.max(1)).max(16);
         let (tx, rx) = mpsc::channel(capacity);
@@ -82,6 +103,7 @@ impl Buffer {
             waiters: Vec::new(),
             heartbeats: HashMap::new(),
             last_prune: Instant::now(),
+            journal: journal.map(|journal| (journal, 0)),
         };
         let task = tokio::spawn(batcher.run(rx));
         (Buffer { tx, queue }, task)
@@ -139,22 +161,41 @@ struct Batcher {
     /// Last heartbeat sent per `(project, profile)`; the queue also throttles across processes.
     heartbeats: HashMap<(String, String), Instant>,
     last_prune: Instant,
+    /// The outage journal and the events it holds.
+    journal: Option<(Journal, u64)>,
 }
 
 impl Batcher {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        if let Some((journal, journaled)) = &mut self.journal {
+            match journal.len().await {
+                Ok(0) => {}
+                Ok(events) => {
+                    tracing::warn!(
+                        events,
+                        "the outage journal holds events; replaying them first"
+                    );
+                    *journaled = events;
+                }
+                Err(err) => tracing::error!(error = %err, "cannot read the outage journal"),
+            }
+        }
         let mut deadline: Option<Instant> = None;
         loop {
-            let command = match deadline {
-                Some(at) => tokio::select! {
-                    command = rx.recv() => command,
-                    () = tokio::time::sleep_until(at) => {
-                        self.write_all().await;
-                        deadline = None;
-                        continue;
+            let replay_due = self.journal.as_ref().is_some_and(|(_, n)| *n > 0);
+            let command = tokio::select! {
+                command = rx.recv() => command,
+                () = sleep_until(deadline) => {
+                    self.write_all().await;
+                    deadline = None;
+                    continue;
+                }
+                () = tokio::time::sleep(JOURNAL_REPLAY_PERIOD), if replay_due => {
+                    if let Some((journal, journaled)) = &mut self.journal {
+                        replay(&self.queue, journal, journaled).await;
                     }
-                },
-                None => rx.recv().await,
+                    continue;
+                }
             };
             match command {
                 Some(Command::Add { events, done }) => {
@@ -201,7 +242,12 @@ impl Batcher {
             heartbeats: &heartbeats,
             now,
         };
-        let result = write_with_retry(&self.queue, &batch).await;
+        let result = match &mut self.journal {
+            Some((journal, journaled)) => {
+                write_or_journal(&self.queue, journal, journaled, &batch).await
+            }
+            None => write_with_retry(&self.queue, &batch).await,
+        };
         self.pending.drain(..n);
         let mut remaining = Vec::with_capacity(self.waiters.len());
         for (count, done) in self.waiters.drain(..) {
@@ -239,6 +285,100 @@ impl Batcher {
             }
         }
         due
+    }
+}
+
+/// How often a non-empty journal is replayed while no events arrive.
+const JOURNAL_REPLAY_PERIOD: Duration = Duration::from_secs(1);
+
+/// Resolves at `deadline`, or never.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes a micro-batch to the queue, or into the journal when the queue cannot take it (or the
+/// journal still holds earlier ones: order is kept). When the journal is full too, waits,
+/// replaying, until one of them can take it; callers then wait, and ingest answers 503.
+async fn write_or_journal(
+    queue: &Queue,
+    journal: &Journal,
+    journaled: &mut u64,
+    batch: &MicroBatch<'_>,
+) -> Result<(), BufferError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        replay(queue, journal, journaled).await;
+        if *journaled == 0 {
+            let started = std::time::Instant::now();
+            match queue.write(batch).await {
+                Ok(()) => {
+                    metrics::micro_batch_written(batch.events.len(), started.elapsed());
+                    return Ok(());
+                }
+                Err(err) if is_transient(&err) => {
+                    tracing::warn!(error = %err, "queue unreachable; journaling micro-batches");
+                }
+                Err(err) => {
+                    metrics::queue_write_failed(batch.events.len());
+                    return Err(BufferError::Write(err.to_string()));
+                }
+            }
+        }
+        match journal.append(batch.id, batch.events, *journaled).await {
+            Ok(true) => {
+                *journaled += batch.events.len() as u64;
+                metrics::journaled(batch.events.len(), *journaled);
+                return Ok(());
+            }
+            Ok(false) => tracing::warn!(
+                journaled = *journaled,
+                "outage journal full; waiting for the queue"
+            ),
+            Err(err) => tracing::error!(error = %err, "cannot write the outage journal"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Writes journaled micro-batches to the queue, oldest first, with their original ids, until
+/// the journal is empty or the queue fails.
+async fn replay(queue: &Queue, journal: &Journal, journaled: &mut u64) {
+    while *journaled > 0 {
+        let oldest = match journal.oldest().await {
+            Ok(Some(oldest)) => oldest,
+            Ok(None) => {
+                *journaled = 0;
+                break;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read the outage journal");
+                return;
+            }
+        };
+        let batch = MicroBatch {
+            id: &oldest.id,
+            events: &oldest.events,
+            heartbeats: &[],
+            now: time::now(),
+        };
+        if let Err(err) = queue.write(&batch).await {
+            tracing::debug!(error = %err, "queue still unreachable; journal kept");
+            return;
+        }
+        if let Err(err) = journal.remove(oldest.seq).await {
+            // Replayed again later: the queue applies a micro-batch id once.
+            tracing::error!(error = %err, "cannot remove a replayed journal entry");
+            return;
+        }
+        *journaled = journaled.saturating_sub(oldest.events.len() as u64);
+        metrics::journal_replayed(oldest.events.len(), *journaled);
+        if *journaled == 0 {
+            tracing::info!("outage journal replayed; writing to the queue again");
+        }
     }
 }
 

@@ -128,6 +128,8 @@ pub struct Config {
     pub flush: FlushConfig,
     /// Held screen views and live visitors.
     pub held: HeldConfig,
+    /// The outage journal of a Redis queue.
+    pub journal: JournalConfig,
     /// Per-project write keys; empty means no authentication.
     pub write_keys: std::collections::BTreeMap<String, String>,
     /// Longest graceful shutdown, in ms, before the process exits anyway.
@@ -280,6 +282,26 @@ impl Default for FlushConfig {
     }
 }
 
+/// The outage journal: with a Redis queue, micro-batches Redis cannot take go to
+/// `<data_dir>/journal.db` (and are acknowledged) until it can.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// Whether to journal; without it, writes wait in memory (bounded) and ingest answers 503.
+    pub enabled: bool,
+    /// Most events the journal holds; beyond it, writes wait and ingest answers 503.
+    pub max_events: u64,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            enabled: true,
+            max_events: 1_000_000,
+        }
+    }
+}
+
 /// Held screen views and live visitors.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -316,6 +338,7 @@ impl Default for Config {
             batch: BatchConfig::default(),
             flush: FlushConfig::default(),
             held: HeldConfig::default(),
+            journal: JournalConfig::default(),
             write_keys: std::collections::BTreeMap::new(),
             shutdown_timeout_ms: 30_000,
             log_format: LogFormat::Human,

@@ -19,6 +19,7 @@ pub mod config;
 pub mod event;
 pub mod flusher;
 pub mod ingest;
+pub mod journal;
 pub mod metrics;
 pub mod queue;
 pub mod service;

@@ -137,6 +137,12 @@ struct ConfigArgs {
     /// Serve ingest and queries only; flushing is left to `spillway flush` workers.
     #[arg(long, global = true)]
     no_flush: bool,
+    /// With a Redis queue, do not journal micro-batches Redis cannot take (they wait in memory).
+    #[arg(long, global = true)]
+    no_journal: bool,
+    /// Most events the outage journal holds before ingest answers 503.
+    #[arg(long, env = "SPILLWAY_JOURNAL_MAX_EVENTS", global = true)]
+    journal_max_events: Option<u64>,
     /// Events accepted but not yet written that the process may hold before answering 503.
     #[arg(long, env = "SPILLWAY_MAX_PENDING_EVENTS", global = true)]
     max_pending_events: Option<usize>,
@@ -244,6 +250,13 @@ impl ConfigArgs {
         if self.no_flush {
             config.flush.enabled = false;
         }
+        if self.no_journal {
+            config.journal.enabled = false;
+        }
+        set(
+            &mut config.journal.max_events,
+            self.journal_max_events.as_ref(),
+        );
         set(
             &mut config.shutdown_timeout_ms,
             self.shutdown_timeout_ms.as_ref(),
@@ -445,6 +458,7 @@ async fn import(file: &PathBuf, config: &Config) -> anyhow::Result<()> {
         Box::new(BufReader::with_capacity(1 << 20, f))
     };
     let queue = backend::open_queue(config).await?;
+    // A one-shot import waits for the queue rather than journaling: nothing would replay it.
     let (buffer, batcher) = Buffer::start(queue, config.batch_settings(), config.held_settings());
     let started = Instant::now();
     let (mut accepted, mut rejected) = (0usize, 0usize);

@@ -118,6 +118,18 @@ pub(crate) fn held_sampled(count: u64) {
     gauge!("spillway_held_screen_views").set(count as f64);
 }
 
+/// A micro-batch journaled because the queue could not take it.
+pub(crate) fn journaled(events: usize, held: u64) {
+    counter!("spillway_journal_events_written_total").increment(events as u64);
+    gauge!("spillway_journal_events").set(held as f64);
+}
+
+/// A journaled micro-batch written to the queue.
+pub(crate) fn journal_replayed(events: usize, held: u64) {
+    counter!("spillway_journal_events_replayed_total").increment(events as u64);
+    gauge!("spillway_journal_events").set(held as f64);
+}
+
 /// Held views released unchanged because their session went quiet.
 pub(crate) fn held_views_released_idle(count: usize) {
     counter!("spillway_held_views_released_idle_total").increment(count as u64);

@@ -90,16 +90,18 @@ struct AppState {
     started: Instant,
 }
 
-/// The service with its backends open, ready to serve.
+/// The service with its backends open and its batcher running, ready to serve.
 pub struct Service {
     config: Config,
     queue: Queue,
     sink: Option<Sink>,
+    buffer: Buffer,
+    batcher: tokio::task::JoinHandle<()>,
 }
 
 impl Service {
-    /// Checks the configuration and opens the backends, so that a listener is only announced
-    /// for a service that can work.
+    /// Checks the configuration, opens the backends (and the outage journal) and starts the
+    /// batcher, so that a listener is only announced for a service that can work.
     ///
     /// # Errors
     /// [`ServiceError`] when the configuration or a backend is unusable.
@@ -114,10 +116,13 @@ impl Service {
             }
             .into());
         }
+        let (buffer, batcher) = backend::start_buffer(&config, queue.clone())?;
         Ok(Service {
             config,
             queue,
             sink,
+            buffer,
+            batcher,
         })
     }
 
@@ -134,77 +139,64 @@ impl Service {
             config,
             queue,
             sink,
+            buffer,
+            batcher,
         } = self;
-        serve(listener, config, queue, sink, shutdown).await
-    }
-}
+        let metrics_handle = metrics::install();
+        let (closing_tx, closing) = watch::channel(false);
+        let flush_wakeup = Arc::new(Notify::new());
 
-async fn serve(
-    listener: TcpListener,
-    config: Config,
-    queue: Queue,
-    sink: Option<Sink>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServiceError> {
-    let metrics_handle = metrics::install();
-    let (buffer, batcher) = Buffer::start(
-        queue.clone(),
-        config.batch_settings(),
-        config.held_settings(),
-    );
-    let (closing_tx, closing) = watch::channel(false);
-    let flush_wakeup = Arc::new(Notify::new());
-
-    let mut tasks = Vec::new();
-    if config.flush.enabled {
-        if let Some(sink) = &sink {
-            let flush_loop = FlushLoop::new(&config, queue.clone(), sink.clone());
-            tasks.push(tokio::spawn(
-                flush_loop.run(flush_wakeup.clone(), closing.clone()),
-            ));
+        let mut tasks = Vec::new();
+        if config.flush.enabled {
+            if let Some(sink) = &sink {
+                let flush_loop = FlushLoop::new(&config, queue.clone(), sink.clone());
+                tasks.push(tokio::spawn(
+                    flush_loop.run(flush_wakeup.clone(), closing.clone()),
+                ));
+            }
         }
-    }
-    tasks.push(tokio::spawn(sample_loop(queue.clone(), closing.clone())));
+        tasks.push(tokio::spawn(sample_loop(queue.clone(), closing.clone())));
 
-    let shutdown_timeout = Duration::from_millis(config.shutdown_timeout_ms);
-    let state = AppState {
-        buffer,
-        queue,
-        sink,
-        pending: Arc::new(Semaphore::new(config.http.max_pending_events)),
-        config: Arc::new(config),
-        metrics: metrics_handle,
-        flush_wakeup,
-        accepted_since_wakeup: Arc::new(AtomicUsize::new(0)),
-        closing,
-        started: Instant::now(),
-    };
-    let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new requests");
-            let _ = closing_tx.send(true);
+        let shutdown_timeout = Duration::from_millis(config.shutdown_timeout_ms);
+        let state = AppState {
+            buffer,
+            queue,
+            sink,
+            pending: Arc::new(Semaphore::new(config.http.max_pending_events)),
+            config: Arc::new(config),
+            metrics: metrics_handle,
+            flush_wakeup,
+            accepted_since_wakeup: Arc::new(AtomicUsize::new(0)),
+            closing,
+            started: Instant::now(),
+        };
+        let app = router(state);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down: no new requests");
+                let _ = closing_tx.send(true);
+            })
+            .await?;
+
+        // Every request has finished and the router (with its buffer handles) is dropped: the
+        // batcher now writes what it holds and stops; the flusher finishes its current flush.
+        let drained = tokio::time::timeout(shutdown_timeout, async {
+            let _ = batcher.await;
+            for task in tasks {
+                let _ = task.await;
+            }
         })
-        .await?;
-
-    // Every request has finished and the router (with its buffer handles) is dropped: the
-    // batcher now writes what it holds and stops; the flusher finishes its current flush.
-    let drained = tokio::time::timeout(shutdown_timeout, async {
-        let _ = batcher.await;
-        for task in tasks {
-            let _ = task.await;
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("shutdown complete"),
+            Err(_) => tracing::error!(
+                timeout_ms = shutdown_timeout.as_millis() as u64,
+                "shutdown timed out; events not yet written stay unacknowledged"
+            ),
         }
-    })
-    .await;
-    match drained {
-        Ok(()) => tracing::info!("shutdown complete"),
-        Err(_) => tracing::error!(
-            timeout_ms = shutdown_timeout.as_millis() as u64,
-            "shutdown timed out; events not yet written stay unacknowledged"
-        ),
+        Ok(())
     }
-    Ok(())
 }
 
 /// `spillway flush`: a flush-only worker, until `shutdown` resolves (the flush in progress

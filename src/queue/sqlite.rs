@@ -92,6 +92,27 @@ pub(crate) struct Db {
 }
 
 impl Db {
+    /// Locks `<dir>/<lock_file>` for this process and opens `<dir>/<file>` in WAL mode.
+    ///
+    /// # Errors
+    /// [`QueueError::InUse`] when another process holds the lock, [`QueueError::DataDir`] or
+    /// [`QueueError::Sqlite`] when the directory or the file cannot be used.
+    pub(crate) fn open(dir: &Path, file: &str, lock_file: &str) -> Result<Db, QueueError> {
+        let lock = lock_dir(dir, lock_file)?;
+        let conn = Connection::open(dir.join(file))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(mode, "SQLite cannot use a WAL journal on this file system");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(Db {
+            conn: Mutex::new(conn),
+            _lock: lock,
+        })
+    }
+
     /// Runs `f` on the connection, on tokio's blocking pool.
     pub(crate) async fn call<T, E>(
         self: &Arc<Self>,
@@ -135,26 +156,17 @@ impl SqliteQueue {
     /// [`QueueError::DataDir`] when it cannot be created or locked, [`QueueError::Sqlite`] when
     /// the database cannot be opened.
     pub fn open(dir: &Path, held: HeldSettings) -> Result<SqliteQueue, QueueError> {
-        let lock = lock_dir(dir)?;
-        let conn = Connection::open(dir.join(DB_FILE))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(mode, "SQLite cannot use a WAL journal on this file system");
-        }
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let db = Db::open(dir, DB_FILE, LOCK_FILE)?;
+        let conn = db.lock();
         conn.execute_batch(SCHEMA)?;
         // This process holds the directory lock, so no other process can be flushing: a flush
         // lock still in the table belongs to a process that died. Without this, a restart after
         // `kill -9` would wait out the lock's TTL before resuming the abandoned batch.
         conn.execute("DELETE FROM flush_lock", [])?;
+        drop(conn);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         Ok(SqliteQueue {
-            db: Arc::new(Db {
-                conn: Mutex::new(conn),
-                _lock: lock,
-            }),
+            db: Arc::new(db),
             held,
             feed,
         })
@@ -577,7 +589,7 @@ impl SqliteQueue {
 }
 
 /// Creates `dir` and takes its exclusive lock, writing this process's id into the lock file.
-fn lock_dir(dir: &Path) -> Result<File, QueueError> {
+fn lock_dir(dir: &Path, lock_file: &str) -> Result<File, QueueError> {
     let dir_error = |error| QueueError::DataDir {
         dir: dir.display().to_string(),
         error,
@@ -587,7 +599,7 @@ fn lock_dir(dir: &Path) -> Result<File, QueueError> {
         .write(true)
         .create(true)
         .truncate(false)
-        .open(dir.join(LOCK_FILE))
+        .open(dir.join(lock_file))
         .map_err(dir_error)?;
     match file.try_lock() {
         Ok(()) => {}

@@ -43,7 +43,12 @@ impl Server {
             .env("REDIS_URL", redis_url)
             .env("SPILLWAY_KEY_PREFIX", &env.prefix)
             .env("CLICKHOUSE_URL", &env.clickhouse_url)
-            .env("CLICKHOUSE_DATABASE", &env.database);
+            .env("CLICKHOUSE_DATABASE", &env.database)
+            // Its own data directory: the outage journal lives there.
+            .env(
+                "SPILLWAY_DATA_DIR",
+                std::env::temp_dir().join(format!("spillway-{}", env.prefix.replace(':', "-"))),
+            );
         Server::spawn(command)
     }
 
@@ -564,6 +569,7 @@ async fn with_redis_down_memory_is_bounded_and_ingest_answers_503() {
             "--request-timeout-ms",
             "300",
             "--no-flush",
+            "--no-journal",
         ],
     );
     redis.stop();
@@ -926,4 +932,57 @@ fn assert_landed_once<'a>(acknowledged: &[String], landed: impl Iterator<Item = 
         acknowledged.len(),
         times.len()
     );
+}
+
+#[tokio::test]
+async fn with_redis_down_events_are_journaled_acknowledged_and_replayed_in_order() {
+    use redis::AsyncCommands;
+    let env = TestEnv::new().await;
+    env.create_table(SchemaVariant::Legacy, "events").await;
+    let mut redis = OwnRedis::start().await;
+    let mut server = Server::start_with(&env, &redis.url(), &["--no-flush"]);
+    redis.stop();
+
+    for i in 0..3u64 {
+        let body = format!(
+            "[{},{}]",
+            screen_view(&format!("v{i}"), "s1", "u1", i * 1000),
+            click(&format!("c{i}"), "p1", i)
+        );
+        let (status, answer) = server.post("application/json", body).await;
+        assert_eq!(status, 202, "acknowledged from the journal: {answer}");
+    }
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(metrics.contains("spillway_journal_events 6"), "{metrics}");
+    // A crash during the outage: what was acknowledged is in the journal on disk.
+    server.kill();
+    redis.restart().await;
+    let server = Server::start_with(&env, &redis.url(), &["--no-flush"]);
+
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let mut queued: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        queued = conn
+            .lrange(env.key("event_buffer:queue"), 0, -1)
+            .await
+            .expect("LRANGE");
+        if queued.len() == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let labels: Vec<String> = queued.iter().map(|e| label(e)).collect();
+    assert_eq!(
+        labels,
+        ["c0", "v0", "c1", "v1", "c2"],
+        "replayed in arrival order"
+    );
+    assert_eq!(field(&queued[1], "duration"), 1000);
+    assert_eq!(field(&queued[3], "duration"), 1000);
+    let (_, held) = server.get("/v1/sessions/s1/last-screen-view").await;
+    assert_eq!(label(&held), "v2");
 }
