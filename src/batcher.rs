@@ -312,19 +312,12 @@ async fn write_or_journal(
     loop {
         replay(queue, journal, journaled).await;
         if *journaled == 0 {
-            let started = std::time::Instant::now();
-            match queue.write(batch).await {
-                Ok(()) => {
-                    metrics::micro_batch_written(batch.events.len(), started.elapsed());
-                    return Ok(());
-                }
-                Err(err) if is_transient(&err) => {
+            match try_write(queue, batch).await {
+                Ok(()) => return Ok(()),
+                Err(WriteFailure::Transient(err)) => {
                     tracing::warn!(error = %err, "queue unreachable; journaling micro-batches");
                 }
-                Err(err) => {
-                    metrics::queue_write_failed(batch.events.len());
-                    return Err(BufferError::Write(err.to_string()));
-                }
+                Err(WriteFailure::Final(err)) => return Err(err),
             }
         }
         match journal.append(batch.id, batch.events, *journaled).await {
@@ -382,19 +375,45 @@ async fn replay(queue: &Queue, journal: &Journal, journaled: &mut u64) {
     }
 }
 
-/// Retries transient failures with capped exponential backoff. Non-retryable failures are
-/// reported to every waiter and logged: the events are not in the queue.
+/// Why one write attempt failed.
+enum WriteFailure {
+    /// It may succeed later (connection refused, timeout, `LOADING`, `OOM`, ...).
+    Transient(QueueError),
+    /// It will not: reported to the events' waiters, logged and counted.
+    Final(BufferError),
+}
+
+/// One write of a micro-batch, with its metrics.
+async fn try_write(queue: &Queue, batch: &MicroBatch<'_>) -> Result<(), WriteFailure> {
+    let started = std::time::Instant::now();
+    match queue.write(batch).await {
+        Ok(()) => {
+            metrics::micro_batch_written(batch.events.len(), started.elapsed());
+            Ok(())
+        }
+        Err(err) if is_transient(&err) => Err(WriteFailure::Transient(err)),
+        Err(err) => {
+            metrics::queue_write_failed(batch.events.len());
+            tracing::error!(
+                error = %err,
+                events = batch.events.len(),
+                "queue rejected a micro-batch; its events were not queued"
+            );
+            Err(WriteFailure::Final(BufferError::Write(err.to_string())))
+        }
+    }
+}
+
+/// Retries transient failures with capped exponential backoff. Final failures are reported to
+/// every waiter: the events are not in the queue.
 async fn write_with_retry(queue: &Queue, batch: &MicroBatch<'_>) -> Result<(), BufferError> {
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0u32;
     loop {
-        let started = std::time::Instant::now();
-        match queue.write(batch).await {
-            Ok(()) => {
-                metrics::micro_batch_written(batch.events.len(), started.elapsed());
-                return Ok(());
-            }
-            Err(err) if is_transient(&err) => {
+        match try_write(queue, batch).await {
+            Ok(()) => return Ok(()),
+            Err(WriteFailure::Final(err)) => return Err(err),
+            Err(WriteFailure::Transient(err)) => {
                 metrics::queue_write_retry();
                 attempt += 1;
                 tracing::warn!(
@@ -405,15 +424,6 @@ async fn write_with_retry(queue: &Queue, batch: &MicroBatch<'_>) -> Result<(), B
                 );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(err) => {
-                metrics::queue_write_failed(batch.events.len());
-                tracing::error!(
-                    error = %err,
-                    events = batch.events.len(),
-                    "queue rejected a micro-batch; its events were not queued"
-                );
-                return Err(BufferError::Write(err.to_string()));
             }
         }
     }
