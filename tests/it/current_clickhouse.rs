@@ -1,11 +1,12 @@
 //! The sink on the current ClickHouse engine (chdb): OpenPanel's table with `Map`,
-//! `DateTime64(3)` and `LowCardinality`, and chunk tokens deduplicating a retried insert.
+//! `DateTime64(3)` and `LowCardinality`. Chunk tokens deduplicating a retried insert are tested
+//! on chdb by `conformance::redis::flush`, from the source the embedded backend shares.
 
-use redis::AsyncCommands;
-use spillway::{FlushOutcome, SchemaVariant};
+use spillway::SchemaVariant;
 
 use crate::helpers::*;
 
+// Redis + current ClickHouse only: the embedded sink has its own table (embedded.rs).
 #[tokio::test]
 async fn rows_fit_openpanels_current_table() {
     let env = TestEnv::current().await;
@@ -34,53 +35,4 @@ async fn rows_fit_openpanels_current_table() {
             "longitude": null,
         })]
     );
-}
-
-#[tokio::test]
-async fn a_chunk_inserted_again_after_a_crash_is_deduplicated_by_its_token() {
-    let env = TestEnv::current().await;
-    let flusher = env
-        .flusher(SchemaVariant::Current, flush_settings(4000, 2))
-        .await;
-    let entries: Vec<String> = (0..3).map(|i| click(&format!("e{i}"), "p1", i)).collect();
-    let mut redis = env.redis.clone();
-    let abandon = |mut redis: redis::aio::MultiplexedConnection| {
-        let entries = entries.clone();
-        let (list, meta) = (
-            env.key("event_buffer:inflight"),
-            env.key("event_buffer:inflight:meta"),
-        );
-        async move {
-            let _: () = redis.rpush(&list, &entries).await.expect("RPUSH");
-            let _: () = redis
-                .hset_multiple(&meta, &[("batch_id", "b1"), ("chunks_done", "0")])
-                .await
-                .expect("HSET");
-        }
-    };
-    // The batch is flushed, then reappears as if the flusher had died after its inserts but
-    // before recording them: the same chunks are inserted again with the same tokens.
-    abandon(redis.clone()).await;
-    assert!(matches!(
-        flusher.flush_once().await.expect("flush"),
-        FlushOutcome::Flushed(_)
-    ));
-    abandon(redis.clone()).await;
-    assert!(matches!(
-        flusher.flush_once().await.expect("flush"),
-        FlushOutcome::Flushed(_)
-    ));
-
-    let count = env
-        .sql(&format!(
-            "SELECT count(), uniqExact(id) FROM {}.events",
-            env.database
-        ))
-        .await;
-    assert_eq!(
-        count.trim(),
-        "3\t3",
-        "the repeated inserts were deduplicated"
-    );
-    let _: () = redis.del(env.key("unused")).await.expect("DEL");
 }

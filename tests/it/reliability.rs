@@ -1,8 +1,10 @@
-//! Nothing lost to expiry or drift: held views of quiet sessions are released, and the queue
-//! counter is reconciled with the queue.
+//! Nothing lost to expiry, drift or bad rows, where only one backend can lose it: the Redis
+//! sweep's index, the Redis counter, ClickHouse rejecting rows and 18.16 re-inserting a chunk.
+//! That both backends release the held views of quiet sessions is tested once for both, in
+//! `conformance/screen_views.rs`.
 
 use redis::AsyncCommands;
-use spillway::{HeldSettings, Queue, SqliteQueue, Timestamp};
+use spillway::Timestamp;
 
 use crate::helpers::*;
 
@@ -10,59 +12,8 @@ fn later() -> Timestamp {
     Timestamp::from_millis(spillway::time::now().as_millis() + 1000)
 }
 
-fn earlier() -> Timestamp {
-    Timestamp::from_millis(spillway::time::now().as_millis() - 60_000)
-}
-
-#[tokio::test]
-async fn redis_releases_the_held_views_of_quiet_sessions_unchanged() {
-    let env = TestEnv::new().await;
-    let buffer = env.buffer();
-    let quiet = screen_view("q", "s1", "u1", 1000);
-    let other = screen_view("o", "s2", "u2", 1000);
-    env.add_all(&buffer, &[&quiet, &other]).await;
-
-    assert_eq!(env.queue.held_count().await.expect("count"), 2);
-    assert_eq!(
-        env.queue.sweep_idle(earlier(), 1000).await.expect("sweep"),
-        0,
-        "not quiet yet"
-    );
-    assert_eq!(
-        env.queue.sweep_idle(later(), 1).await.expect("sweep"),
-        1,
-        "at most `max`"
-    );
-    assert_eq!(env.queue.sweep_idle(later(), 1000).await.expect("sweep"), 1);
-
-    let mut queued = env.queued().await;
-    queued.sort();
-    let mut expected = vec![quiet, other];
-    expected.sort();
-    assert_eq!(queued, expected, "released as sent, duration untouched");
-    assert_eq!(env.queue.size().await.expect("size"), 2);
-    assert_eq!(env.queue.held_count().await.expect("count"), 0);
-    assert_eq!(
-        env.queue
-            .last_screen_view_by_session("s1")
-            .await
-            .expect("read"),
-        None
-    );
-    assert_eq!(
-        env.queue
-            .last_screen_view_by_profile("p1", "u1")
-            .await
-            .expect("read"),
-        None
-    );
-
-    // The session goes on: its next view starts a new hold, nothing is released twice.
-    env.add_all(&buffer, &[&screen_view("n", "s1", "u1", 5000)])
-        .await;
-    assert_eq!(env.queued().await.len(), 2);
-}
-
+// Redis only: its sweep index (`event_buffer:held_index`) is a key of its own that outlives a
+// view Redis expired or a session_end released; SQLite's held rows are their own index.
 #[tokio::test]
 async fn redis_sweep_skips_views_that_expired_or_were_released_meanwhile() {
     let env = TestEnv::new().await;
@@ -90,6 +41,7 @@ async fn redis_sweep_skips_views_that_expired_or_were_released_meanwhile() {
     );
 }
 
+// Redis only: the embedded queue has no counter to drift (it counts its table).
 #[tokio::test]
 async fn redis_counter_drift_is_reconciled_and_reported() {
     let env = TestEnv::new().await;
@@ -105,45 +57,7 @@ async fn redis_counter_drift_is_reconciled_and_reported() {
     assert_eq!(repaired, 2);
 }
 
-#[tokio::test]
-async fn embedded_releases_the_held_views_of_quiet_sessions_unchanged() {
-    let dir =
-        std::env::temp_dir().join(format!("spillway-sweep-{}", uuid::Uuid::new_v4().simple()));
-    let queue = Queue::Embedded(SqliteQueue::open(&dir, HeldSettings::default()).expect("opens"));
-    let buffer =
-        spillway::Buffer::start(queue.clone(), Default::default(), HeldSettings::default()).0;
-    let quiet = screen_view("q", "s1", "u1", 1000);
-    let events = vec![parse(&quiet)];
-    buffer
-        .bulk_add(events)
-        .await
-        .expect("open")
-        .written()
-        .await
-        .expect("written");
-
-    assert_eq!(queue.held_count().await.expect("count"), 1);
-    assert_eq!(queue.sweep_idle(earlier(), 1000).await.expect("sweep"), 0);
-    assert_eq!(queue.sweep_idle(later(), 1000).await.expect("sweep"), 1);
-    assert_eq!(queue.size().await.expect("size"), 1);
-    assert_eq!(queue.held_count().await.expect("count"), 0);
-    assert_eq!(
-        queue
-            .last_screen_view_by_profile("p1", "u1")
-            .await
-            .expect("read"),
-        None
-    );
-    let oldest = queue
-        .oldest_queued_at()
-        .await
-        .expect("oldest")
-        .expect("one queued");
-    assert_eq!(oldest, spillway::time::parse(&at(1000)).expect("time"));
-    drop((buffer, queue));
-    let _ = std::fs::remove_dir_all(dir);
-}
-
+// No backend: a configuration check.
 #[test]
 fn idle_release_must_stay_below_the_held_view_expiry() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_spillway"))
@@ -168,6 +82,8 @@ fn write_config(text: &str) -> std::path::PathBuf {
     path
 }
 
+// Redis + ClickHouse only: the embedded sink's columns take every valid event; no row is
+// rejected there.
 #[tokio::test]
 async fn rows_clickhouse_rejects_are_dead_lettered_with_its_message_while_the_rest_land() {
     let env = TestEnv::new().await;
@@ -226,6 +142,8 @@ async fn rows_clickhouse_rejects_are_dead_lettered_with_its_message_while_the_re
     );
 }
 
+// ClickHouse 18.16 only: it has no deduplication token; engines with one (chdb, SQLite) are
+// tested in `conformance::*::flush`.
 #[tokio::test]
 async fn on_clickhouse_18_a_chunk_that_landed_before_a_crash_is_not_inserted_again() {
     let env = TestEnv::new().await;
