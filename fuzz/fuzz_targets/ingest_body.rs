@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(parsed) = parse_body(data, format, LIMITS, now) {
             let items = parsed.events.len() + parsed.rejected.len();
             assert!(items <= LIMITS.max_events);
-            assert!(!parsed.events.is_empty(), "a body with nothing valid is refused whole");
+            assert!(
+                !parsed.events.is_empty(),
+                "a body with nothing valid is refused whole"
+            );
         }
     }
     if let Ok(inflated) = gunzip(data, LIMITS.max_body_bytes) {
