@@ -8,6 +8,13 @@ cd "$(dirname "$0")/.."
 # A private state dir per run, so a run never meets another's data.
 export SPILLWAY_SERVERS_DIR=${SPILLWAY_SERVERS_DIR:-$(mktemp -d -t spillway-test-XXXXXX)}
 eval "$(scripts/servers.sh start)"
+# The status page test looks at the page in headless Chromium.
+if ! command -v chromium >/dev/null; then
+  echo "test.sh: installing chromium (apt-get)" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 trap 'scripts/servers.sh stop' EXIT
 
 log=$SPILLWAY_SERVERS_DIR/cargo-test.log

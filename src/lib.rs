@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod queue;
 pub mod service;
 pub mod sink;
+mod status;
 pub mod time;
 pub mod workload;
 

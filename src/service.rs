@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
@@ -30,6 +30,7 @@ use crate::flusher::{FlushOutcome, Flusher};
 use crate::ingest::{self, BodyFormat, IngestError, Limits};
 use crate::queue::Queue;
 use crate::sink::Sink;
+use crate::status::{self, StatusBoard};
 use crate::{metrics, time, Buffer, Timestamp};
 
 /// Errors that stop the service.
@@ -68,6 +69,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("get", "/"),
+    ("get", "/v1/status"),
 ];
 
 /// The OpenAPI description of [`ROUTES`].
@@ -88,6 +91,8 @@ struct AppState {
     /// Turns true when shutdown starts, ending live feeds.
     closing: watch::Receiver<bool>,
     started: Instant,
+    /// What the status page shows.
+    board: Arc<StatusBoard>,
 }
 
 /// The service with its backends open and its batcher running, ready to serve.
@@ -145,11 +150,13 @@ impl Service {
         let metrics_handle = metrics::install();
         let (closing_tx, closing) = watch::channel(false);
         let flush_wakeup = Arc::new(Notify::new());
+        let board = Arc::new(StatusBoard::default());
 
         let mut tasks = Vec::new();
         if config.flush.enabled {
             if let Some(sink) = &sink {
-                let flush_loop = FlushLoop::new(&config, queue.clone(), sink.clone());
+                let flush_loop =
+                    FlushLoop::new(&config, queue.clone(), sink.clone(), board.clone());
                 tasks.push(tokio::spawn(
                     flush_loop.run(flush_wakeup.clone(), closing.clone()),
                 ));
@@ -169,6 +176,7 @@ impl Service {
             accepted_since_wakeup: Arc::new(AtomicUsize::new(0)),
             closing,
             started: Instant::now(),
+            board,
         };
         let app = router(state);
         axum::serve(listener, app)
@@ -218,8 +226,9 @@ pub async fn run_flusher(
         .into());
     };
     let (closing_tx, closing) = watch::channel(false);
-    let worker =
-        tokio::spawn(FlushLoop::new(&config, queue, sink).run(Arc::new(Notify::new()), closing));
+    let worker = tokio::spawn(
+        FlushLoop::new(&config, queue, sink, Arc::default()).run(Arc::new(Notify::new()), closing),
+    );
     shutdown.await;
     let _ = closing_tx.send(true);
     let timeout = Duration::from_millis(config.shutdown_timeout_ms);
@@ -248,6 +257,8 @@ fn router(state: AppState) -> Router {
         .route("/readyz", get(readiness))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi))
+        .route("/", get(|| async { Html(status::PAGE) }))
+        .route("/v1/status", get(status_snapshot))
         .fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -347,6 +358,7 @@ async fn accept_events(
         metrics::events_rejected(rejection.code, 1);
     }
     authorize(app, headers, &parsed.events)?;
+    app.board.saw(&parsed.events);
 
     let count = parsed.events.len();
     let permits = u32::try_from(count).unwrap_or(u32::MAX);
@@ -383,6 +395,7 @@ async fn accept_events(
         }
     }
     metrics::events_accepted(count);
+    app.board.accepted(count);
     let since = app
         .accepted_since_wakeup
         .fetch_add(count, Ordering::Relaxed)
@@ -424,18 +437,46 @@ fn unavailable(err: impl std::fmt::Display) -> ApiError {
 }
 
 async fn buffer_stats(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let stats = app.queue.stats().await.map_err(unavailable)?;
-    let held = app.queue.held_count().await.map_err(unavailable)?;
-    let oldest = app.queue.oldest_queued_at().await.map_err(unavailable)?;
-    let age = oldest.map(|at| (time::now().as_millis() - at.as_millis()).max(0));
-    Ok(Json(json!({
+    Ok(Json(buffer_json(&app.queue).await.map_err(unavailable)?).into_response())
+}
+
+/// The queue's sizes and the age of its oldest event, as `GET /v1/buffer` shows them.
+async fn buffer_json(queue: &Queue) -> Result<serde_json::Value, crate::QueueError> {
+    let stats = queue.stats().await?;
+    let held = queue.held_count().await?;
+    let oldest = queue.oldest_queued_at().await?;
+    Ok(json!({
         "queued": stats.queued,
         "in_flight": stats.in_flight,
         "dead_letter": stats.dead_letter,
         "held_screen_views": held,
-        "oldest_queued_age_ms": age,
+        "oldest_queued_age_ms": oldest.map(status::age_ms),
     }))
-    .into_response())
+}
+
+/// Everything the status page shows, in one read.
+async fn status_snapshot(State(app): State<AppState>) -> Response {
+    let (ready, dependencies) = dependencies(&app).await;
+    let buffer = buffer_json(&app.queue).await.ok();
+    let mut visitors = Vec::new();
+    for project in app.board.projects() {
+        if let Ok(count) = app.queue.active_visitor_count(&project, time::now()).await {
+            visitors.push(json!({ "project": project, "count": count }));
+        }
+    }
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "backend": backend::describe(&app.queue, app.sink.as_ref()),
+        "ready": ready,
+        "dependencies": dependencies,
+        "buffer": buffer,
+        "totals": app.board.totals(),
+        "last_flush": app.board.last_flush(),
+        "flushing": app.config.flush.enabled && app.sink.is_some(),
+        "visitors": visitors,
+    }))
+    .into_response()
 }
 
 async fn live_visitors(
@@ -512,6 +553,25 @@ async fn batch_feed(
 }
 
 async fn readiness(State(app): State<AppState>) -> Response {
+    let (ready, dependencies) = dependencies(&app).await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "queue": dependencies["queue"],
+        "sink": dependencies["sink"],
+        "backend": backend::describe(&app.queue, app.sink.as_ref()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+    });
+    (status, Json(body)).into_response()
+}
+
+/// Whether the queue and the sink answer within 2 s, and what each said.
+async fn dependencies(app: &AppState) -> (bool, serde_json::Value) {
     let check = Duration::from_secs(2);
     let queue = match tokio::time::timeout(check, app.queue.size()).await {
         Ok(Ok(_)) => "ok".to_owned(),
@@ -527,20 +587,7 @@ async fn readiness(State(app): State<AppState>) -> Response {
         },
     };
     let ready = queue == "ok" && (sink == "ok" || app.sink.is_none());
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = json!({
-        "ready": ready,
-        "queue": queue,
-        "sink": sink,
-        "backend": backend::describe(&app.queue, app.sink.as_ref()),
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": app.started.elapsed().as_secs(),
-    });
-    (status, Json(body)).into_response()
+    (ready, json!({ "queue": queue, "sink": sink }))
 }
 
 async fn render_metrics(State(app): State<AppState>) -> Response {
@@ -566,14 +613,17 @@ struct FlushLoop {
     interval: Duration,
     /// A held view whose session sent nothing for this long is released unchanged.
     idle_release: Duration,
+    /// Where the last flush is shown.
+    board: Arc<StatusBoard>,
 }
 
 /// Held views released per sweep; the rest wait for the next round.
 const SWEEP_MAX: usize = 1000;
 
 impl FlushLoop {
-    fn new(config: &Config, queue: Queue, sink: Sink) -> FlushLoop {
+    fn new(config: &Config, queue: Queue, sink: Sink, board: Arc<StatusBoard>) -> FlushLoop {
         FlushLoop {
+            board,
             flusher: Flusher::new(queue.clone(), sink, config.flush_settings()),
             queue,
             batch_size: config.flush.batch_size,
@@ -604,7 +654,10 @@ impl FlushLoop {
                 return;
             }
             self.sweep().await;
-            let pause = match flusher.flush_once().await {
+            let started = Instant::now();
+            let outcome = flusher.flush_once().await;
+            self.board.flushed(&outcome, started.elapsed());
+            let pause = match outcome {
                 Ok(FlushOutcome::Flushed(report)) => {
                     failures = 0;
                     tracing::debug!(rows = report.rows, batch = %report.batch_id, "flushed");

@@ -18,3 +18,4 @@ mod embedded;
 mod redis_only;
 mod reliability;
 mod service;
+mod status_page;

@@ -13,7 +13,7 @@ use spillway::SchemaVariant;
 use crate::helpers::*;
 
 /// A running `spillway serve`, killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     base: String,
     logs: Arc<std::sync::Mutex<String>>,
@@ -53,7 +53,7 @@ impl Server {
     }
 
     /// Starts `spillway serve` on its embedded default in `dir`, with no servers at all.
-    fn start_embedded(dir: &std::path::Path, args: &[&str]) -> Server {
+    pub(crate) fn start_embedded(dir: &std::path::Path, args: &[&str]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
         command
             .arg("serve")
@@ -122,11 +122,15 @@ impl Server {
         self.child.wait().expect("killed");
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    async fn post(&self, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    pub(crate) async fn post(
+        &self,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
         let response = self
             .http
             .post(self.url("/v1/events"))
@@ -139,7 +143,7 @@ impl Server {
         (status, response.json().await.expect("JSON answer"))
     }
 
-    async fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
         let response = self.http.get(self.url(path)).send().await.expect("answer");
         let status = response.status().as_u16();
         (status, response.text().await.expect("text"))
@@ -739,10 +743,10 @@ fn config_prints_the_effective_settings_redacted_and_rejects_bad_values() {
 }
 
 /// A fresh data directory, removed on drop.
-struct DataDir(std::path::PathBuf);
+pub(crate) struct DataDir(pub(crate) std::path::PathBuf);
 
 impl DataDir {
-    fn new() -> DataDir {
+    pub(crate) fn new() -> DataDir {
         DataDir(
             std::env::temp_dir().join(format!("spillway-serve-{}", uuid::Uuid::new_v4().simple())),
         )
@@ -772,7 +776,7 @@ fn query(dir: &std::path::Path, sql: &str) -> String {
 }
 
 /// Waits until nothing is queued or in flight.
-async fn wait_until_flushed(server: &Server) {
+pub(crate) async fn wait_until_flushed(server: &Server) {
     for _ in 0..200 {
         let (_, body) = server.get("/v1/buffer").await;
         let stats: Value = serde_json::from_str(&body).expect("json");
