@@ -116,6 +116,9 @@ struct ConfigArgs {
     /// The events table.
     #[arg(long, env = "CLICKHOUSE_TABLE", global = true)]
     clickhouse_table: Option<String>,
+    /// Timeout of one ClickHouse request, ms.
+    #[arg(long, env = "CLICKHOUSE_TIMEOUT_MS", global = true)]
+    clickhouse_timeout_ms: Option<u64>,
     /// Address to listen on.
     #[arg(long, env = "SPILLWAY_LISTEN", global = true)]
     listen: Option<String>,
@@ -131,6 +134,10 @@ struct ConfigArgs {
     /// Rows per insert.
     #[arg(long, env = "EVENT_BUFFER_CHUNK_SIZE", global = true)]
     chunk_size: Option<usize>,
+    /// Expiry of the flush lock, ms (renewed after every chunk); must exceed the ClickHouse
+    /// timeout.
+    #[arg(long, env = "SPILLWAY_FLUSH_LOCK_TTL_MS", global = true)]
+    flush_lock_ttl_ms: Option<u64>,
     /// Pause between flushes when the queue holds less than a batch, ms.
     #[arg(long, env = "SPILLWAY_FLUSH_INTERVAL_MS", global = true)]
     flush_interval_ms: Option<u64>,
@@ -219,6 +226,10 @@ impl ConfigArgs {
             }
             set(&mut clickhouse.database, self.clickhouse_database.as_ref());
             set(&mut clickhouse.table, self.clickhouse_table.as_ref());
+            set(
+                &mut clickhouse.timeout_ms,
+                self.clickhouse_timeout_ms.as_ref(),
+            );
         }
         set(&mut config.http.listen, self.listen.as_ref());
         set(
@@ -243,6 +254,10 @@ impl ConfigArgs {
         );
         set(&mut config.flush.batch_size, self.batch_size.as_ref());
         set(&mut config.flush.chunk_size, self.chunk_size.as_ref());
+        set(
+            &mut config.flush.lock_ttl_ms,
+            self.flush_lock_ttl_ms.as_ref(),
+        );
         set(
             &mut config.flush.interval_ms,
             self.flush_interval_ms.as_ref(),

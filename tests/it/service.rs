@@ -730,6 +730,39 @@ fn config_prints_the_effective_settings_redacted_and_rejects_bad_values() {
         "error: invalid setting `flush.chunk_size`: must be greater than 0"
     );
 
+    // The lock must outlive a ClickHouse request; both can be set by flags.
+    let clickhouse = ["config", "--clickhouse-url", "http://127.0.0.1:8123"];
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(clickhouse)
+        .args([
+            "--flush-lock-ttl-ms",
+            "3000",
+            "--clickhouse-timeout-ms",
+            "2000",
+        ])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("lock_ttl_ms = 3000") && stdout.contains("timeout_ms = 2000"),
+        "{stdout}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(clickhouse)
+        .args([
+            "--flush-lock-ttl-ms",
+            "2000",
+            "--clickhouse-timeout-ms",
+            "2000",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid setting `flush.lock_ttl_ms`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let file = std::env::temp_dir().join(format!("spillway-config-{}.toml", std::process::id()));
     std::fs::write(&file, "[flush]\nbatch_size = 123\nchunk_sise = 5\n").expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
