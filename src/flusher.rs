@@ -3,7 +3,8 @@
 //! One flush, under the queue's flush lock:
 //!
 //! 1. claim a batch (the abandoned in-flight one first, else up to `batch_size` queued events);
-//! 2. parse each entry; one that is not a valid event becomes a dead-letter record;
+//! 2. parse each entry; one that is not a valid event (or not even UTF-8) becomes a dead-letter
+//!    record;
 //! 3. sort the rows by `created_at` (stable, so the order is the same on every resumption);
 //! 4. insert them in chunks of `chunk_size`, recording after each chunk that it is done (and
 //!    renewing the lock), skipping the chunks an earlier holder recorded;
@@ -146,10 +147,16 @@ impl Flusher {
             .queue
             .claim(token, self.settings.batch_size, &new_id)
             .await?;
-        if claim.entries.is_empty() {
+        if claim.entries.is_empty() && claim.not_utf8.is_empty() {
             return Ok(FlushOutcome::Empty);
         }
-        let (rows, dead) = prepare(&claim.entries);
+        let (rows, mut dead) = prepare(&claim.entries);
+        dead.extend(
+            claim
+                .not_utf8
+                .iter()
+                .map(|entry| dead_letter_record(entry, "the entry is not UTF-8 text", "not_utf8")),
+        );
         let chunk_size = self.settings.chunk_size.max(1);
         let mut report = FlushReport {
             batch_id: claim.batch_id.clone(),

@@ -131,6 +131,9 @@ pub(crate) struct Claim {
     pub(crate) chunks_done: usize,
     /// The claimed entries, in queue order. Empty when there was nothing to flush.
     pub(crate) entries: Vec<String>,
+    /// Claimed entries that are not UTF-8 text (so not events), decoded lossily; the flusher
+    /// dead-letters them. Only a Redis queue written by something else can hold them.
+    pub(crate) not_utf8: Vec<String>,
     /// Whether this batch was abandoned by an earlier flusher.
     pub(crate) resumed: bool,
 }

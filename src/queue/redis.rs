@@ -327,7 +327,8 @@ impl RedisQueue {
     /// The oldest queued entry, if any.
     pub(crate) async fn oldest_queued(&self) -> Result<Option<String>, QueueError> {
         let mut conn = self.conn.clone();
-        Ok(conn.lindex(self.keys.queue(), 0).await?)
+        let entry: Option<Vec<u8>> = conn.lindex(self.keys.queue(), 0).await?;
+        Ok(entry.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     /// Queue, in-flight and dead-letter sizes in one round trip.
@@ -400,7 +401,9 @@ impl RedisQueue {
     ) -> Result<Claim, QueueError> {
         let keys = &self.keys;
         let mut conn = self.conn.clone();
-        let (batch_id, chunks_done, entries): (String, usize, Vec<String>) = CLAIM
+        // Entries as bytes: one that is not UTF-8 must not fail the whole claim, or it would
+        // stay in flight and stop every flush after it.
+        let (batch_id, chunks_done, raw): (String, usize, Vec<Vec<u8>>) = CLAIM
             .key(keys.queue())
             .key(keys.counter())
             .key(keys.in_flight())
@@ -412,11 +415,20 @@ impl RedisQueue {
             .invoke_async(&mut conn)
             .await
             .map_err(lock_lost)?;
+        let mut entries = Vec::with_capacity(raw.len());
+        let mut not_utf8 = Vec::new();
+        for bytes in raw {
+            match String::from_utf8(bytes) {
+                Ok(entry) => entries.push(entry),
+                Err(err) => not_utf8.push(String::from_utf8_lossy(err.as_bytes()).into_owned()),
+            }
+        }
         Ok(Claim {
             resumed: batch_id != new_id && !batch_id.is_empty(),
             batch_id,
             chunks_done,
             entries,
+            not_utf8,
         })
     }
 

@@ -471,6 +471,7 @@ impl SqliteQueue {
                             batch_id: String::new(),
                             chunks_done: 0,
                             entries: Vec::new(),
+                            not_utf8: Vec::new(),
                             resumed: false,
                         });
                     }
@@ -499,6 +500,7 @@ impl SqliteQueue {
                     batch_id,
                     chunks_done,
                     entries,
+                    not_utf8: Vec::new(),
                 })
             })
             .await

@@ -82,3 +82,34 @@ async fn a_missing_or_negative_counter_is_repaired_from_the_list() {
     let counted: i64 = redis.get(&counter).await.expect("GET");
     assert_eq!(counted, 3);
 }
+
+// Redis only: something other than spillway can write to its queue, bytes that are not text.
+#[tokio::test]
+async fn an_entry_that_is_not_utf8_is_dead_lettered_and_does_not_stop_flushing() {
+    let env = TestEnv::new().await;
+    let mut redis = env.redis.clone();
+    let _: () = redis
+        .rpush(
+            env.key("event_buffer:queue"),
+            b"garbage \xff\xfe".as_slice(),
+        )
+        .await
+        .expect("RPUSH");
+    // At the head of the queue it does not break the queue's readers either.
+    assert_eq!(env.queue.oldest_queued_at().await.expect("oldest"), None);
+    let buffer = env.buffer();
+    env.add_all(&buffer, &[&click("a", "p1", 0), &click("b", "p1", 1)])
+        .await;
+    let flusher = env
+        .flusher(spillway::SchemaVariant::Legacy, flush_settings(4000, 1000))
+        .await;
+
+    let report = flusher.drain().await.expect("drain");
+    assert_eq!((report.rows, report.dead_lettered), (2, 1));
+    let dead = env.queue.dead_letters().await.expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(field(&dead[0], "code"), "not_utf8");
+    assert_eq!(field(&dead[0], "entry"), "garbage \u{fffd}\u{fffd}");
+    let stats = env.queue.stats().await.expect("stats");
+    assert_eq!((stats.queued, stats.in_flight), (0, 0));
+}
