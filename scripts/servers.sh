@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Starts and stops the real Redis and ClickHouse servers that spillway's tests and local runs use.
 #
-#   scripts/servers.sh start   # install (only when missing), start on private loopback ports, print env
-#   scripts/servers.sh env     # print the export lines for the running servers
-#   scripts/servers.sh stop    # stop both and delete their throwaway data dirs
+#   scripts/servers.sh start             # install (only when missing), start on private loopback ports, print env
+#   scripts/servers.sh start-clickhouse  # only ClickHouse 18.16 (no install); prints CLICKHOUSE_URL
+#   scripts/servers.sh env               # print the export lines for the running servers
+#   scripts/servers.sh stop              # stop what runs and delete their throwaway data dirs
 #
 # Ports and the state directory can be moved with SPILLWAY_REDIS_PORT, SPILLWAY_CH_HTTP_PORT,
-# SPILLWAY_CH_TCP_PORT and SPILLWAY_SERVERS_DIR. Nothing here touches the system services.
+# SPILLWAY_CH_TCP_PORT, SPILLWAY_CHDB_PORT and SPILLWAY_SERVERS_DIR. ClickHouse's pid is in
+# $SPILLWAY_SERVERS_DIR/clickhouse/server.pid. Nothing here touches the system services.
 set -euo pipefail
 
 REDIS_PORT=${SPILLWAY_REDIS_PORT:-16379}
@@ -94,6 +96,9 @@ start_clickhouse() {
   if curl -fsS "http://127.0.0.1:$CH_HTTP_PORT/ping" >/dev/null 2>&1; then return 0; fi
   write_clickhouse_config
   local dir=$STATE/clickhouse
+  # A server killed with SIGKILL leaves its pid file; ClickHouse refuses to start while that pid
+  # runs, and by now it may be another process's. This state dir's server does not answer.
+  rm -f "$dir/server.pid"
   clickhouse-server --config-file="$dir/config.xml" --pid-file="$dir/server.pid" --daemon
   for _ in $(seq 1 300); do
     curl -fsS "http://127.0.0.1:$CH_HTTP_PORT/ping" >/dev/null 2>&1 && return 0
@@ -148,6 +153,12 @@ case "${1:-start}" in
     start_chdb
     print_env
     ;;
+  start-clickhouse)
+    # For a test that needs a ClickHouse of its own (the fault-injection suite stops it).
+    command -v clickhouse-server >/dev/null || { log "clickhouse-server is not installed"; exit 1; }
+    start_clickhouse
+    echo "export CLICKHOUSE_URL=http://127.0.0.1:$CH_HTTP_PORT"
+    ;;
   env) print_env ;;
   stop)
     stop_pidfile "$STATE/redis/redis.pid"
@@ -155,5 +166,5 @@ case "${1:-start}" in
     stop_pidfile "$STATE/chdb/server.pid"
     rm -rf "$STATE"
     ;;
-  *) echo "usage: $0 start|env|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 start|start-clickhouse|env|stop" >&2; exit 2 ;;
 esac
