@@ -176,6 +176,13 @@ impl Flusher {
             } else {
                 Attempt::First
             };
+            if attempt == Attempt::Retry {
+                self.sink.settle().await.map_err(|error| FlushError::Sink {
+                    batch_id: claim.batch_id.clone(),
+                    chunk: index,
+                    error,
+                })?;
+            }
             let chunk_token = format!("{}:{index}", claim.batch_id);
             let mut rejected = Vec::new();
             let requests = self

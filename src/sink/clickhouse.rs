@@ -28,6 +28,10 @@ use crate::config::ClickHouseSettings;
 use crate::event::Fields;
 use crate::time::{self, Timestamp};
 
+/// How long a retry waits, once the server answers again, for an earlier attempt it may still
+/// hold to finish (servers without deduplication tokens; see [`ClickHouseSink::settle`]).
+const RETRY_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How the sink writes one column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ColumnKind {
@@ -246,6 +250,20 @@ impl ClickHouseSink {
         self.query("SELECT 1").await.map(drop)
     }
 
+    /// Before a chunk that may have landed is looked for (servers without deduplication tokens):
+    /// an earlier attempt that timed out while the server was stalled is not lost with its
+    /// connection. The server still holds the request and runs it as soon as it runs again, so
+    /// a retry that looked for the chunk's rows meanwhile would insert them a second time.
+    /// Waits until the server answers, then [`RETRY_SETTLE`] for such a request to finish.
+    pub(crate) async fn settle(&self) -> Result<(), SinkError> {
+        if self.dedup_tokens {
+            return Ok(());
+        }
+        self.ping().await?;
+        tokio::time::sleep(RETRY_SETTLE).await;
+        Ok(())
+    }
+
     /// Inserts one chunk as a single JSONEachRow request. On a server without deduplication
     /// tokens, a chunk that may have landed before is first checked by its rows' ids.
     pub(crate) async fn insert(
@@ -277,6 +295,11 @@ impl ClickHouseSink {
             url.query_pairs_mut()
                 .append_pair("insert_deduplication_token", token)
                 .append_pair("async_insert", "0");
+        } else {
+            // Every attempt at a chunk has the same query id: ClickHouse does not run a second
+            // one while the first still runs (QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, retried
+            // later), so a retry cannot overlap an earlier attempt that is slow, not lost.
+            url.query_pairs_mut().append_pair("query_id", token);
         }
         let response = self
             .authorize(self.http.post(url))

@@ -163,6 +163,15 @@ impl Sink {
         }
     }
 
+    /// Before a chunk that may have landed is inserted again: lets an earlier attempt that the
+    /// server may still hold finish first (ClickHouse before 22.2; nothing to do elsewhere).
+    pub(crate) async fn settle(&self) -> Result<(), SinkError> {
+        match self {
+            Sink::ClickHouse(sink) => sink.settle().await,
+            Sink::Embedded(_) => Ok(()),
+        }
+    }
+
     /// Whether the sink answers.
     ///
     /// # Errors
