@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns every benchmark and rewrites the results section of BENCHMARKS.md.
 #
-#   scripts/bench.sh                                # criterion components + end to end (2 runs)
+#   scripts/bench.sh                                # end to end (2 runs) + criterion components
 #   SPILLWAY_BENCH_EVENTS=50000 scripts/bench.sh    # a quicker, noisier pass
 #
 # Steps: start the servers (scripts/servers.sh), plus a Redis of the benchmark's own on
@@ -9,10 +9,10 @@
 # counts only the benchmark's commands while test suites use the shared one; build the release
 # binary; wait up to SPILLWAY_BENCH_WAIT_SECS (600) for the 1-minute load average to fall below
 # SPILLWAY_BENCH_MAX_LOAD (1.0); run `cargo bench --bench end_to_end`, then
-# `cargo bench --bench components` (short measurement); then replace what lies between the results markers of
-# BENCHMARKS.md with the tables, the date, the machine and the commit. Raw outputs are kept in
-# target/bench/. Every end_to_end setting (SPILLWAY_BENCH_*) passes through; see the header of
-# benches/end_to_end.rs.
+# `cargo bench --bench components` (short measurement); then replace what lies between the
+# results markers of BENCHMARKS.md with the tables, the date, the machine and the commit. Raw
+# outputs are kept in target/bench/. Every end_to_end setting (SPILLWAY_BENCH_*) passes
+# through; see the header of benches/end_to_end.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
