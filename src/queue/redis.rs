@@ -48,7 +48,9 @@ static SWEEP: LazyLock<Script> = LazyLock::new(|| {
         include_str!("lua/sweep.lua")
     ))
 });
-static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/replay.lua")));
+static REPLAY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(include_str!("lua/held.lua"), include_str!("lua/replay.lua")))
+});
 static RECONCILE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/reconcile.lua")));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));

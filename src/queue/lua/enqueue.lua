@@ -86,14 +86,5 @@ for i = 5, #ARGV, 2 do
   end
 end
 
-for i = 1, #out, 1000 do
-  redis.call('RPUSH', KEYS[1], unpack(out, i, math.min(i + 999, #out)))
-end
-if #out > 0 then
-  if redis.call('EXISTS', KEYS[2]) == 1 then
-    redis.call('INCRBY', KEYS[2], #out)
-  else
-    redis.call('SET', KEYS[2], redis.call('LLEN', KEYS[1]))
-  end
-end
+push_queued(KEYS[1], KEYS[2], out)
 return #out

@@ -1,5 +1,20 @@
--- held.lua: functions shared by the scripts that release held screen views (enqueue.lua,
--- sweep.lua); prepended to each of them when it is loaded. Reads no keys by itself.
+-- held.lua: functions shared by the scripts that queue events (enqueue.lua, sweep.lua,
+-- replay.lua); prepended to each of them when it is loaded. Touches only the keys it is given.
+
+-- Appends entries to the queue and keeps the counter equal to the queue's length (a missing
+-- counter is set from the length rather than started at the batch size).
+local function push_queued(queue_key, counter_key, entries)
+  for i = 1, #entries, 1000 do
+    redis.call('RPUSH', queue_key, unpack(entries, i, math.min(i + 999, #entries)))
+  end
+  if #entries > 0 then
+    if redis.call('EXISTS', counter_key) == 1 then
+      redis.call('INCRBY', counter_key, #entries)
+    else
+      redis.call('SET', counter_key, redis.call('LLEN', queue_key))
+    end
+  end
+end
 
 -- Start and end of the value of the object's top-level "duration" field, or nil.
 local function find_duration(json)

@@ -3,6 +3,7 @@
 -- next flush, with a fresh record.
 --
 -- KEYS[1] dead-letter list  KEYS[2] queue list  KEYS[3] queue counter
+-- (push_queued is in held.lua, loaded with this script)
 -- Returns the number of entries queued again.
 
 local records = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
@@ -19,12 +20,5 @@ if #records == 0 then
   return 0
 end
 redis.call('LTRIM', KEYS[1], #records, -1)
-for i = 1, #entries, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(entries, i, math.min(i + 999, #entries)))
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('INCRBY', KEYS[3], #entries)
-else
-  redis.call('SET', KEYS[3], redis.call('LLEN', KEYS[2]))
-end
+push_queued(KEYS[2], KEYS[3], entries)
 return #entries

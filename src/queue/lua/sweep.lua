@@ -30,14 +30,5 @@ for _, session_key in ipairs(members) do
   end
 end
 
-for i = 1, #out, 1000 do
-  redis.call('RPUSH', KEYS[2], unpack(out, i, math.min(i + 999, #out)))
-end
-if #out > 0 then
-  if redis.call('EXISTS', KEYS[3]) == 1 then
-    redis.call('INCRBY', KEYS[3], #out)
-  else
-    redis.call('SET', KEYS[3], redis.call('LLEN', KEYS[2]))
-  end
-end
+push_queued(KEYS[2], KEYS[3], out)
 return #out
