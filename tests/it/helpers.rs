@@ -164,15 +164,26 @@ impl TestEnv {
 
     /// INSERT queries that finished on `table` of this test's database, from the query log.
     pub(crate) async fn inserts_into(&self, table: &str) -> Vec<u64> {
-        self.sql("SYSTEM FLUSH LOGS").await;
-        let body = self
-            .sql(&format!(
-                "SELECT written_rows FROM system.query_log WHERE type = 2 \
-                 AND query LIKE 'INSERT INTO `{}`.`{table}`%' ORDER BY event_time, written_rows",
-                self.database
-            ))
-            .await;
-        body.lines().map(|l| l.parse().expect("number")).collect()
+        // The query log is written in the background: read it until two reads a moment apart
+        // agree on a non-empty answer (a loaded machine can be seconds late).
+        let mut previous: Option<Vec<u64>> = None;
+        for _ in 0..50 {
+            self.sql("SYSTEM FLUSH LOGS").await;
+            let body = self
+                .sql(&format!(
+                    "SELECT written_rows FROM system.query_log WHERE type = 2 \
+                     AND query LIKE 'INSERT INTO `{}`.`{table}`%' ORDER BY event_time, written_rows",
+                    self.database
+                ))
+                .await;
+            let sizes: Vec<u64> = body.lines().map(|l| l.parse().expect("number")).collect();
+            if !sizes.is_empty() && previous.as_ref() == Some(&sizes) {
+                return sizes;
+            }
+            previous = Some(sizes);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        previous.unwrap_or_default()
     }
 }
 
