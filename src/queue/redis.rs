@@ -49,7 +49,10 @@ static SWEEP: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 static REPLAY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(include_str!("lua/held.lua"), include_str!("lua/replay.lua")))
+    Script::new(concat!(
+        include_str!("lua/held.lua"),
+        include_str!("lua/replay.lua")
+    ))
 });
 static RECONCILE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/reconcile.lua")));
