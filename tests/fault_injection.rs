@@ -10,8 +10,8 @@
 //! - kills ClickHouse and starts it again a few seconds later;
 //! - makes inserts slower than the flush lock: two `spillway flush` workers (`serve` ingests
 //!   only) with a 2 s lock and a 1 s ClickHouse timeout; ClickHouse paused (SIGSTOP) for three
-//!   lock lifetimes while a batch is in flight, then workers paused for two lifetimes in turn
-//!   until one is caught holding the lock, so the other takes its batch over;
+//!   lock lifetimes while a batch is in flight; then one worker paused while it holds the lock
+//!   with a batch in flight, until the other has taken that batch over and flushed it;
 //! - pushes corrupt entries straight into the queue (not JSON, not events, not UTF-8, and an
 //!   event ClickHouse refuses).
 //!
@@ -29,6 +29,9 @@
 //! 2,000), `SPILLWAY_FAULT_SEED` (replays a run's random choices), `SPILLWAY_FAULT_VERBOSE=1`
 //! (prints the faults as they happen), `SPILLWAY_FAULT_KEEP=1` (keeps the data and logs, as a
 //! failure does). Needs `redis-server`, `clickhouse-server` and `curl` on the PATH.
+//!
+//! The other tests here are the regression tests of what this one found, each on a Redis and a
+//! ClickHouse of its own (see `notes/fault-injection.md`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Display;
@@ -88,13 +91,22 @@ const SLOW_PROFILE: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_events_land_exactly_once_through_kills_and_outages() {
-    require_servers();
     let settings = Settings::from_env();
+    check_run(&settings, |rng| Fault::plan(settings.kills, rng)).await;
+}
+
+/// Runs the stream through the faults `plan` makes, prints the summary, and fails on any loss
+/// or duplicate.
+async fn check_run(settings: &Settings, plan: impl FnOnce(&mut Rng) -> Vec<Fault>) {
+    require_servers();
     let started = Instant::now();
     let scratch = Scratch::new();
     let timeline = Timeline::new(settings.verbose);
     let mut cluster = Cluster::start(&scratch.0, timeline.clone()).await;
-    let outcome = tokio::time::timeout(RUN_DEADLINE, run(&mut cluster, &settings)).await;
+    let mut rng = Rng::new(settings.seed);
+    let plan = plan(&mut rng);
+    let outcome =
+        tokio::time::timeout(RUN_DEADLINE, run(&mut cluster, settings, plan, &mut rng)).await;
     let Ok(tally) = outcome else {
         panic!(
             "the run did not finish within {RUN_DEADLINE:?} (seed {})\n{}",
@@ -175,13 +187,13 @@ async fn a_retry_does_not_run_while_an_earlier_attempt_at_its_chunk_still_runs()
          HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9999999\r\n\r\n{rows}{{\"id\":"
     )
     .expect("send most of an insert");
+    let running = format!("SELECT count() FROM system.processes WHERE query_id = '{batch}:0'");
     wait_until(
         "ClickHouse runs the earlier attempt",
         Duration::from_secs(10),
         || {
-            let clickhouse = &bench.clickhouse;
-            let sql = format!("SELECT count() FROM system.processes WHERE query_id = '{batch}:0'");
-            async move { clickhouse.sql(&sql).await.trim() == "1" }
+            let (clickhouse, running) = (&bench.clickhouse, &running);
+            async move { clickhouse.sql(running).await.trim() == "1" }
         },
     )
     .await;
@@ -191,7 +203,13 @@ async fn a_retry_does_not_run_while_an_earlier_attempt_at_its_chunk_still_runs()
         .await
         .expect_err("refused while the other runs");
     assert!(refused.to_string().contains("Code: 216"), "{refused}");
+    // Cut off in the middle of a row, the earlier attempt fails and inserts nothing.
     drop(earlier);
+    wait_until("the earlier attempt ends", Duration::from_secs(10), || {
+        let (clickhouse, running) = (&bench.clickhouse, &running);
+        async move { clickhouse.sql(running).await.trim() == "0" }
+    })
+    .await;
     bench.drain().await;
     assert_eq!(bench.rows_and_ids().await, (50, 50));
 }
@@ -264,9 +282,15 @@ impl Bench {
         spillway::Flusher::new(self.queue.clone(), spillway::Sink::ClickHouse(sink), flush)
     }
 
+    /// Flushes everything; like the flush loop, retries a failed flush (an attempt at a chunk
+    /// is refused while another one still runs).
     async fn drain(&self) {
         let flusher = self.flusher(Duration::from_secs(30)).await;
-        flusher.drain().await.expect("drain");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(err) = flusher.drain().await {
+            assert!(Instant::now() < deadline, "drain: {err}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Rows in the events table, and distinct ids among them.
@@ -289,21 +313,21 @@ fn require_servers() {
 }
 
 /// The stream and the faults, then the drain and the comparison.
-async fn run(cluster: &mut Cluster, settings: &Settings) -> Tally {
-    let mut rng = Rng::new(settings.seed);
+async fn run(cluster: &mut Cluster, settings: &Settings, plan: Vec<Fault>, rng: &mut Rng) -> Tally {
     let stream = Stream::start(cluster.ingest_url(), settings);
-    let plan = Fault::plan(settings.kills, &mut rng);
     let count = plan.len();
     for (done, fault) in plan.into_iter().enumerate() {
         // Spread over what is left of the stream: after a random share (0.5 to 1.5 times
-        // the even one) of the events not yet acknowledged. The stream goes on, beyond its
-        // size if need be, until the last fault is over, so every fault meets traffic.
+        // the even one, and that at least a 40th of the stream) of the events not yet
+        // acknowledged. The stream goes on, beyond its size if need be, until the last fault is
+        // over, so every fault meets traffic and late faults stay apart.
         let acknowledged = stream.acknowledged();
         let left = (settings.events as u64).saturating_sub(acknowledged) as f64;
-        let gap = left / (count - done + 1) as f64 * (0.5 + rng.unit());
+        let share = (left / (count - done + 1) as f64).max(settings.events as f64 / 40.0);
+        let gap = share * (0.5 + rng.unit());
         stream.wait_for(acknowledged + gap as u64, cluster).await;
         tokio::time::sleep(rng.millis(0, 300)).await;
-        cluster.inject(fault, &mut rng).await;
+        cluster.inject(fault, rng).await;
     }
     cluster.note(format_args!(
         "faults done; waiting for the stream ({} acknowledged)",
@@ -444,9 +468,14 @@ impl Scratch {
     }
 }
 
+/// Whether to keep the data and logs: when the test fails, or on request.
+fn keep_scratch() -> bool {
+    std::thread::panicking() || std::env::var_os("SPILLWAY_FAULT_KEEP").is_some()
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if std::thread::panicking() || std::env::var_os("SPILLWAY_FAULT_KEEP").is_some() {
+        if keep_scratch() {
             report(&format!(
                 "fault injection: data and logs kept in {}",
                 self.0.display()
@@ -720,7 +749,12 @@ impl Drop for ClickHouse {
                 .args(["-CONT", &self.pid.to_string()])
                 .status();
         }
-        let _ = self.servers_sh("stop");
+        if keep_scratch() {
+            // Its data stays for a look (`scripts/servers.sh start-clickhouse` on the same dir).
+            let _ = Command::new("kill").arg(self.pid.to_string()).status();
+        } else {
+            let _ = self.servers_sh("stop");
+        }
     }
 }
 
@@ -862,8 +896,8 @@ struct Cluster {
     timeline: Timeline,
     kills: usize,
     corrupt: usize,
-    /// In which round of the slow-insert phase a paused worker's batch was taken over.
-    takeover: Option<usize>,
+    /// Whether a paused flush worker's batch was taken over by the other.
+    takeover: bool,
 }
 
 impl Cluster {
@@ -888,7 +922,7 @@ impl Cluster {
             timeline,
             kills: 0,
             corrupt: 0,
-            takeover: None,
+            takeover: false,
         };
         cluster.start_serve(NORMAL).await;
         cluster
@@ -1058,8 +1092,8 @@ impl Cluster {
 
     /// Inserts slower than the flush lock. `serve` (ingest only now) and two `spillway flush`
     /// workers get a 2 s lock and a 1 s ClickHouse timeout. ClickHouse is paused for three lock
-    /// lifetimes while a batch is in flight; then a worker is paused for two while a batch is
-    /// in flight, the workers in turn, until one that held the lock finds it taken over.
+    /// lifetimes while a batch is in flight; then a worker is paused holding the lock until the
+    /// other has taken its batch over.
     async fn slow_inserts(&mut self) {
         self.note("slow inserts: two flush workers with a 2 s lock and a 1 s timeout");
         self.stop_serve().await;
@@ -1081,34 +1115,7 @@ impl Cluster {
         self.clickhouse.resume();
         self.note("ClickHouse resumed");
 
-        for round in 0..8 {
-            let n = round % self.workers.len();
-            let failed_before = self.failed_flushes(n);
-            self.wait_for_in_flight().await;
-            let pid = self.workers[n].pid();
-            signal(pid, "STOP");
-            tokio::time::sleep(SLOW_LOCK_TTL * 2).await;
-            signal(pid, "CONT");
-            // A worker paused in the middle of a flush, holding the lock, fails that flush once
-            // it runs again: its request timed out, or its lock is gone (LOCKLOST).
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while self.failed_flushes(n) == failed_before && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if self.failed_flushes(n) > failed_before {
-                self.takeover = Some(round + 1);
-                self.note(format_args!(
-                    "flush worker {} paused for 4 s holding the lock: taken over (round {})",
-                    n + 1,
-                    round + 1
-                ));
-                break;
-            }
-            self.note(format_args!(
-                "flush worker {} paused for 4 s; it did not hold the lock",
-                n + 1
-            ));
-        }
+        self.take_over_a_paused_flusher().await;
 
         for mut worker in std::mem::take(&mut self.workers) {
             let status = worker.terminate(Duration::from_secs(30)).await;
@@ -1123,12 +1130,57 @@ impl Cluster {
         self.note("slow inserts over: flush workers stopped, serve back to its defaults");
     }
 
-    /// How many flushes flush worker `n` logged as failed.
-    fn failed_flushes(&self, n: usize) -> usize {
-        std::fs::read_to_string(&self.workers[n].log)
-            .unwrap_or_default()
-            .matches("flush failed")
-            .count()
+    /// A flusher slower than its lock: worker 1 is paused (SIGSTOP) holding the lock with a
+    /// batch in flight; worker 2 must take the batch over once the lock expires and flush it,
+    /// and worker 1, resumed, must not commit anything.
+    async fn take_over_a_paused_flusher(&mut self) {
+        let (first, second) = (self.workers[0].pid(), self.workers[1].pid());
+        // Worker 2 waits, paused, until worker 1 is caught; a lock it held meanwhile expires
+        // and worker 1 takes its batch over.
+        signal(second, "STOP");
+        tokio::time::sleep(SLOW_LOCK_TTL + Duration::from_millis(500)).await;
+        let mut conn = self.redis.connection().await;
+        let mut batch = None;
+        for _ in 0..20 {
+            // Right after worker 1 claimed a new batch: it is building its first insert.
+            let seen = in_flight_batch(&mut conn).await;
+            wait_for_another_batch(&mut conn, seen.as_deref()).await;
+            signal(first, "STOP");
+            // Worker 1 is the only flusher running: a lock held now is its own.
+            let lock: Option<String> = conn.get(format!("{PREFIX}lock:event")).await.expect("GET");
+            batch = in_flight_batch(&mut conn).await.filter(|_| lock.is_some());
+            if batch.is_some() {
+                break;
+            }
+            signal(first, "CONT");
+        }
+        let Some(batch) = batch else {
+            signal(first, "CONT");
+            signal(second, "CONT");
+            panic!(
+                "flush worker 1 never held the lock with a batch in flight\n{}",
+                self.diagnostics()
+            );
+        };
+        self.note(format_args!(
+            "flush worker 1 paused holding the lock, batch {batch} in flight; worker 2 resumed"
+        ));
+        signal(second, "CONT");
+        let mut batch_left = false;
+        for _ in 0..600 {
+            if in_flight_batch(&mut conn).await.as_ref() != Some(&batch) {
+                batch_left = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        signal(first, "CONT");
+        assert!(
+            batch_left,
+            "worker 2 did not take over the batch of the paused worker 1 within 30 s"
+        );
+        self.takeover = true;
+        self.note("worker 2 took the batch over and flushed it; worker 1 resumed");
     }
 
     /// Waits until flush worker `n` has flushed a batch (its debug log says `flushed`).
@@ -1335,10 +1387,11 @@ impl Cluster {
             .map(|name| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default())
             .collect();
         let count = |needle: &str| logs.matches(needle).count();
-        let takeover = self.takeover.map_or_else(
-            || "no paused worker caught holding the lock".to_owned(),
-            |round| format!("a paused worker's batch taken over (round {round})"),
-        );
+        let takeover = if self.takeover {
+            "a paused worker's batch taken over"
+        } else {
+            "no paused worker caught holding the lock"
+        };
         format!(
             "{takeover}; logs: {} lock lost, {} journaling, {} journal replays at start, \
              {} flush retries, {} rows dead-lettered by ClickHouse",
@@ -1365,6 +1418,25 @@ impl Drop for Cluster {
     /// The processes stop with their guards; the timeline joins the logs (kept on failure).
     fn drop(&mut self) {
         self.timeline.save(&self.dir);
+    }
+}
+
+/// The id of the batch in flight, if any.
+async fn in_flight_batch(conn: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+    conn.hget(format!("{PREFIX}event_buffer:inflight:meta"), "batch_id")
+        .await
+        .expect("HGET")
+}
+
+/// Waits (up to 10 s) until a batch other than `seen` is in flight.
+async fn wait_for_another_batch(conn: &mut redis::aio::MultiplexedConnection, seen: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let batch = in_flight_batch(conn).await;
+        if batch.is_some() && batch.as_deref() != seen {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
