@@ -21,7 +21,7 @@ use crate::config::FlushSettings;
 use crate::event;
 use crate::metrics;
 use crate::queue::{Queue, QueueError};
-use crate::sink::{Attempt, Row, Sink, SinkError};
+use crate::sink::{Row, Sink, SinkError};
 use crate::time;
 
 /// Errors of a flush.
@@ -169,24 +169,13 @@ impl Flusher {
             if index < claim.chunks_done {
                 continue;
             }
-            // The first chunk not recorded as done may have landed before this flush: its
-            // flusher failed or died during or right after the insert.
-            let attempt = if claim.resumed && index == claim.chunks_done {
-                Attempt::Retry
-            } else {
-                Attempt::First
-            };
-            if attempt == Attempt::Retry {
-                self.sink.settle().await.map_err(|error| FlushError::Sink {
-                    batch_id: claim.batch_id.clone(),
-                    chunk: index,
-                    error,
-                })?;
-            }
+            // The first chunk not recorded as done may have landed before this flush (its
+            // flusher failed or died during or right after the insert, or is still at it): the
+            // sink recognises it by its token and does not insert it twice.
             let chunk_token = format!("{}:{index}", claim.batch_id);
             let mut rejected = Vec::new();
             let requests = self
-                .insert_chunk(chunk, &chunk_token, attempt, &mut rejected)
+                .insert_chunk(chunk, &chunk_token, &mut rejected)
                 .await
                 .map_err(|error| FlushError::Sink {
                     batch_id: claim.batch_id.clone(),
@@ -213,11 +202,10 @@ impl Flusher {
         &self,
         rows: &[Row<'_>],
         token: &str,
-        attempt: Attempt,
         rejected: &mut Vec<String>,
     ) -> Result<usize, SinkError> {
         let started = std::time::Instant::now();
-        let inserted = self.sink.insert(rows, token, attempt).await;
+        let inserted = self.sink.insert(rows, token).await;
         metrics::sink_request(started.elapsed());
         match inserted {
             Ok(()) => Ok(1),
@@ -234,10 +222,8 @@ impl Flusher {
                 }
                 let (left, right) = rows.split_at(rows.len() / 2);
                 let (left_token, right_token) = (format!("{token}/0"), format!("{token}/1"));
-                let left =
-                    Box::pin(self.insert_chunk(left, &left_token, attempt, rejected)).await?;
-                let right =
-                    Box::pin(self.insert_chunk(right, &right_token, attempt, rejected)).await?;
+                let left = Box::pin(self.insert_chunk(left, &left_token, rejected)).await?;
+                let right = Box::pin(self.insert_chunk(right, &right_token, rejected)).await?;
                 Ok(1 + left + right)
             }
             Err(error) => Err(error),

@@ -92,12 +92,25 @@ const SLOW_PROFILE: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_events_land_exactly_once_through_kills_and_outages() {
     let settings = Settings::from_env();
-    check_run(&settings, |rng| Fault::plan(settings.kills, rng)).await;
+    check_run(&settings, |rng| Fault::plan(settings.kills, rng), true).await;
 }
 
-/// Runs the stream through the faults `plan` makes, prints the summary, and fails on any loss
-/// or duplicate.
-async fn check_run(settings: &Settings, plan: impl FnOnce(&mut Rng) -> Vec<Fault>) {
+/// A flush worker paused (SIGSTOP) while it held the lock, past the lock's expiry, sent its
+/// insert when it ran again, after the worker that took its batch over had inserted the same
+/// chunk: 500 rows twice, in two runs of three. Here three such takeovers in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flusher_paused_past_its_lock_sends_nothing_when_it_runs_again() {
+    let settings = Settings {
+        events: 10_000,
+        kills: 0,
+        ..Settings::from_env()
+    };
+    check_run(&settings, |_| vec![Fault::PausedFlusher; 3], false).await;
+}
+
+/// Runs the stream through the faults `plan` makes and fails on any loss or duplicate; prints
+/// the summary when `summary` is set.
+async fn check_run(settings: &Settings, plan: impl FnOnce(&mut Rng) -> Vec<Fault>, summary: bool) {
     require_servers();
     let started = Instant::now();
     let scratch = Scratch::new();
@@ -115,15 +128,17 @@ async fn check_run(settings: &Settings, plan: impl FnOnce(&mut Rng) -> Vec<Fault
         );
     };
     let secs = started.elapsed().as_secs_f64();
-    report(&tally.summary());
-    report(&format!(
-        "fault injection: {} rows, {} requests in {} attempts; {}; {secs:.0} s (seed {})",
-        tally.rows,
-        tally.requests,
-        tally.attempts,
-        cluster.evidence(),
-        settings.seed
-    ));
+    if summary {
+        report(&tally.summary());
+        report(&format!(
+            "fault injection: {} rows, {} requests in {} attempts; {}; {secs:.0} s (seed {})",
+            tally.rows,
+            tally.requests,
+            tally.attempts,
+            cluster.evidence(),
+            settings.seed
+        ));
+    }
     let problems = tally.problems();
     assert!(
         problems.is_empty(),
@@ -816,6 +831,8 @@ enum Fault {
     FlushScripts,
     ClickHouseOutage,
     SlowInserts,
+    /// The second half of [`Fault::SlowInserts`] alone.
+    PausedFlusher,
     Corrupt,
 }
 
@@ -1073,7 +1090,8 @@ impl Cluster {
                 self.clickhouse.spawn();
                 self.note("ClickHouse back");
             }
-            Fault::SlowInserts => self.slow_inserts().await,
+            Fault::SlowInserts => self.slow_inserts(true).await,
+            Fault::PausedFlusher => self.slow_inserts(false).await,
             Fault::Corrupt => {
                 let entries = corrupt_entries(self.corrupt);
                 self.corrupt += entries.len();
@@ -1091,10 +1109,10 @@ impl Cluster {
     }
 
     /// Inserts slower than the flush lock. `serve` (ingest only now) and two `spillway flush`
-    /// workers get a 2 s lock and a 1 s ClickHouse timeout. ClickHouse is paused for three lock
-    /// lifetimes while a batch is in flight; then a worker is paused holding the lock until the
-    /// other has taken its batch over.
-    async fn slow_inserts(&mut self) {
+    /// workers get a 2 s lock and a 1 s ClickHouse timeout. With `stall_clickhouse`,
+    /// ClickHouse is paused for three lock lifetimes while a batch is in flight; then a worker
+    /// is paused holding the lock until the other has taken its batch over.
+    async fn slow_inserts(&mut self, stall_clickhouse: bool) {
         self.note("slow inserts: two flush workers with a 2 s lock and a 1 s timeout");
         self.stop_serve().await;
         self.start_serve(SLOW_SERVE).await;
@@ -1108,12 +1126,14 @@ impl Cluster {
             self.wait_until_flushing(n).await;
         }
 
-        self.wait_for_in_flight().await;
-        self.clickhouse.pause();
-        self.note("ClickHouse paused (SIGSTOP) with a batch in flight");
-        tokio::time::sleep(SLOW_LOCK_TTL * 3).await;
-        self.clickhouse.resume();
-        self.note("ClickHouse resumed");
+        if stall_clickhouse {
+            self.wait_for_in_flight().await;
+            self.clickhouse.pause();
+            self.note("ClickHouse paused (SIGSTOP) with a batch in flight");
+            tokio::time::sleep(SLOW_LOCK_TTL * 3).await;
+            self.clickhouse.resume();
+            self.note("ClickHouse resumed");
+        }
 
         self.take_over_a_paused_flusher().await;
 

@@ -14,23 +14,21 @@
 //!
 //! Servers from 22.2 on get each chunk's token as `insert_deduplication_token`, so a retried
 //! chunk is deduplicated by ClickHouse (on non-replicated tables only when the table sets
-//! `non_replicated_deduplication_window`, as `spillway schema` does).
+//! `non_replicated_deduplication_window`, as `spillway schema` does). Older servers (18.16)
+//! have no token: there each chunk's insert, into a table with an `id`, leaves out in the same
+//! query the rows whose `id` the table already holds (see [`ClickHouseSink::insert`]).
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use reqwest::Url;
 use serde::Deserialize;
 
-use super::{Attempt, Row, SinkError};
+use super::{Row, SinkError};
 use crate::config::ClickHouseSettings;
 use crate::event::Fields;
 use crate::time::{self, Timestamp};
-
-/// How long a retry waits, once the server answers again, for an earlier attempt it may still
-/// hold to finish (servers without deduplication tokens; see [`ClickHouseSink::settle`]).
-const RETRY_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How the sink writes one column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +148,9 @@ pub struct ClickHouseSink {
     columns: HashMap<String, Column>,
     insert_url: Url,
     dedup_tokens: bool,
+    /// On servers without deduplication tokens, for a table with an `id`: the columns an insert
+    /// writes, as an external table's structure (`id UUID, name String, ...`).
+    id_check: Option<String>,
 }
 
 impl ClickHouseSink {
@@ -189,32 +190,44 @@ impl ClickHouseSink {
             columns: HashMap::new(),
             insert_url,
             dedup_tokens: false,
+            id_check: None,
         };
         let version = sink.query("SELECT version()").await?;
         sink.dedup_tokens = supports_dedup_tokens(version.trim());
-        sink.columns = sink.read_columns().await?;
+        let (columns, structure) = sink.read_columns().await?;
+        if !sink.dedup_tokens && columns.contains_key("id") {
+            sink.id_check = Some(structure);
+        }
+        sink.columns = columns;
         Ok(sink)
     }
 
-    async fn read_columns(&self) -> Result<HashMap<String, Column>, SinkError> {
+    /// The table's columns, and the structure (`name Type, ...`, in table order) of those an
+    /// insert writes (not `MATERIALIZED` or `ALIAS`).
+    async fn read_columns(&self) -> Result<(HashMap<String, Column>, String), SinkError> {
         #[derive(Deserialize)]
         struct ColumnRow {
             name: String,
             #[serde(rename = "type")]
             ty: String,
+            default_kind: String,
         }
         let body = self
             .query(&format!(
-                "SELECT name, type FROM system.columns WHERE database = '{}' AND table = '{}' \
-                 FORMAT JSONEachRow",
+                "SELECT name, type, default_kind FROM system.columns \
+                 WHERE database = '{}' AND table = '{}' FORMAT JSONEachRow",
                 self.settings.database, self.settings.table
             ))
             .await?;
         let mut columns = HashMap::new();
+        let mut structure = Vec::new();
         for line in body.lines().filter(|l| !l.trim().is_empty()) {
             let row: ColumnRow = serde_json::from_str(line).map_err(|e| {
                 SinkError::Setup(format!("unexpected system.columns row {line:?}: {e}"))
             })?;
+            if !matches!(row.default_kind.as_str(), "MATERIALIZED" | "ALIAS") {
+                structure.push(format!("{} {}", row.name, row.ty));
+            }
             columns.insert(row.name, Column::from_type(&row.ty));
         }
         if columns.is_empty() {
@@ -223,7 +236,7 @@ impl ClickHouseSink {
                 self.settings.database, self.settings.table
             )));
         }
-        Ok(columns)
+        Ok((columns, structure.join(", ")))
     }
 
     /// Runs one query and returns the body.
@@ -250,80 +263,60 @@ impl ClickHouseSink {
         self.query("SELECT 1").await.map(drop)
     }
 
-    /// Before a chunk that may have landed is looked for (servers without deduplication tokens):
-    /// an earlier attempt that timed out while the server was stalled is not lost with its
-    /// connection. The server still holds the request and runs it as soon as it runs again, so
-    /// a retry that looked for the chunk's rows meanwhile would insert them a second time.
-    /// Waits until the server answers, then [`RETRY_SETTLE`] for such a request to finish.
-    pub(crate) async fn settle(&self) -> Result<(), SinkError> {
-        if self.dedup_tokens {
+    /// Inserts one chunk as a single request; `token` is the same on every attempt at it.
+    ///
+    /// Every attempt at a chunk must be harmless once one has landed, even an attempt that
+    /// arrives late: one that timed out while the server stalled (the server still runs it when
+    /// it resumes), or one sent by a flusher that stalled past its lock's expiry after its
+    /// successor inserted the chunk. Servers from 22.2 drop a repeat by its token. Older ones
+    /// get, for a table with an `id`, the rows as an external table and
+    /// `INSERT ... SELECT ... WHERE id NOT IN (the ids the table holds)`: the look and the
+    /// insert are one query, and the token is its `query_id`, so ClickHouse never runs two
+    /// attempts at a chunk at once (`QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING`, retried). Rows
+    /// without an `id` (the zero UUID) are always inserted, so they may land twice.
+    pub(crate) async fn insert(&self, rows: &[Row<'_>], token: &str) -> Result<(), SinkError> {
+        if rows.is_empty() {
             return Ok(());
         }
-        self.ping().await?;
-        tokio::time::sleep(RETRY_SETTLE).await;
-        Ok(())
-    }
-
-    /// Inserts one chunk as a single JSONEachRow request. On a server without deduplication
-    /// tokens, a chunk that may have landed before is first checked by its rows' ids.
-    pub(crate) async fn insert(
-        &self,
-        rows: &[Row<'_>],
-        token: &str,
-        attempt: Attempt,
-    ) -> Result<(), SinkError> {
-        let landed = match attempt {
-            Attempt::Retry if !self.dedup_tokens => self.landed_ids(rows).await?,
-            _ => HashSet::new(),
-        };
         let mut body = String::with_capacity(rows.len() * 640);
-        let mut count = 0;
         for row in rows {
-            if row_id(row).is_some_and(|id| landed.contains(&id)) {
-                continue;
-            }
             self.shape(row, &mut body);
             body.push('\n');
-            count += 1;
         }
-        if count == 0 {
-            return Ok(());
-        }
-        let mut url = self.insert_url.clone();
-        if self.dedup_tokens {
-            // Asynchronous inserts (on by default in recent releases) skip token deduplication.
+        let request = if self.dedup_tokens {
+            // Asynchronous inserts (on by default in recent releases) skip deduplication.
+            let mut url = self.insert_url.clone();
             url.query_pairs_mut()
                 .append_pair("insert_deduplication_token", token)
                 .append_pair("async_insert", "0");
+            self.http.post(url).body(body)
+        } else if let Some(structure) = &self.id_check {
+            self.insert_unless_landed(rows, token, structure, body)?
         } else {
-            // Every attempt at a chunk has the same query id: ClickHouse does not run a second
-            // one while the first still runs (QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING, retried
-            // later), so a retry cannot overlap an earlier attempt that is slow, not lost.
-            url.query_pairs_mut().append_pair("query_id", token);
-        }
-        let response = self
-            .authorize(self.http.post(url))
-            .body(body)
-            .send()
-            .await?;
+            self.http.post(self.insert_url.clone()).body(body)
+        };
+        let response = self.authorize(request).send().await?;
         read_response(response).await.map(drop)
     }
 
-    /// The ids among `rows` that are already in the table. The query is narrowed by the
-    /// primary key's columns (project, time range) so it reads little. Rows without an `id`, or
-    /// a table without one, cannot be checked; they are inserted again.
-    async fn landed_ids(&self, rows: &[Row<'_>]) -> Result<HashSet<String>, SinkError> {
-        let ids: Vec<String> = rows.iter().filter_map(row_id).collect();
-        if ids.is_empty() || !self.columns.contains_key("id") {
-            return Ok(HashSet::new());
-        }
-        let mut conditions = vec![format!("id IN ({})", sql_list(&ids))];
+    /// The request of an insert that leaves out the rows whose `id` the table holds already
+    /// (servers without deduplication tokens). The look-up is narrowed by the primary key's
+    /// columns (project, time range), so it reads little.
+    fn insert_unless_landed(
+        &self,
+        rows: &[Row<'_>],
+        token: &str,
+        structure: &str,
+        body: String,
+    ) -> Result<reqwest::RequestBuilder, SinkError> {
+        let table = format!("`{}`.`{}`", self.settings.database, self.settings.table);
+        let mut landed = vec!["id IN (SELECT id FROM _chunk)".to_owned()];
         if self.columns.contains_key("created_at") {
             let (first, last) = rows.iter().fold((i64::MAX, i64::MIN), |(lo, hi), row| {
                 let ms = row.created_at.as_millis();
                 (lo.min(ms), hi.max(ms))
             });
-            conditions.push(format!(
+            landed.push(format!(
                 "created_at >= toDateTime({}) AND created_at < toDateTime({})",
                 first.div_euclid(1000),
                 last.div_euclid(1000) + 1
@@ -337,17 +330,43 @@ impl ClickHouseSink {
                 .collect();
             projects.sort();
             projects.dedup();
-            conditions.push(format!("project_id IN ({})", sql_list(&projects)));
+            landed.push(format!("project_id IN ({})", sql_list(&projects)));
         }
-        let body = self
-            .query(&format!(
-                "SELECT toString(id) FROM `{}`.`{}` WHERE {} FORMAT TabSeparated",
-                self.settings.database,
-                self.settings.table,
-                conditions.join(" AND ")
-            ))
-            .await?;
-        Ok(body.lines().map(str::to_owned).collect())
+        let columns: Vec<String> = structure
+            .split(", ")
+            .filter_map(|column| column.split_once(' '))
+            .map(|(name, _)| format!("`{name}`"))
+            .collect();
+        let columns = columns.join(", ");
+        let query = format!(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM _chunk \
+             WHERE id = toUUID('00000000-0000-0000-0000-000000000000') \
+             OR id NOT IN (SELECT id FROM {table} WHERE {})",
+            landed.join(" AND ")
+        );
+        let mut url = Url::parse(&self.settings.url)
+            .map_err(|e| SinkError::Setup(format!("invalid ClickHouse URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("query", &query)
+            .append_pair("query_id", token)
+            .append_pair("_chunk_format", "JSONEachRow")
+            .append_pair("_chunk_structure", structure);
+        // The rows travel as the file of a form, which ClickHouse reads as table `_chunk`.
+        let boundary = format!("spillway-{}", uuid::Uuid::new_v4().simple());
+        let mut form = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"_chunk\"; \
+             filename=\"_chunk\"\r\n\r\n"
+        );
+        form.push_str(&body);
+        form.push_str(&format!("\r\n--{boundary}--\r\n"));
+        Ok(self
+            .http
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(form))
     }
 
     /// Appends one row, shaped to the table's columns, as a JSON object.
@@ -382,13 +401,6 @@ impl ClickHouseSink {
         }
         out.push('}');
     }
-}
-
-/// A row's `id`, when it is a string.
-fn row_id(row: &Row<'_>) -> Option<String> {
-    row.fields
-        .get("id")
-        .and_then(|raw| serde_json::from_str(raw.get()).ok())
 }
 
 /// `'a', 'b'`: strings quoted for ClickHouse SQL.
@@ -567,6 +579,7 @@ mod tests {
                 .collect(),
             insert_url: Url::parse("http://127.0.0.1:1/").expect("static url"),
             dedup_tokens: false,
+            id_check: None,
         }
     }
 

@@ -116,17 +116,6 @@ impl SinkError {
     }
 }
 
-/// Whether a chunk may already be in the sink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Attempt {
-    /// Never inserted before: insert it.
-    First,
-    /// An earlier insert of this chunk failed or its flusher died mid-insert: it may have landed.
-    /// Sinks that deduplicate by token need nothing more; ClickHouse before 22.2 checks which of
-    /// the rows' ids are already in the table and inserts only the others.
-    Retry,
-}
-
 /// One row on its way to the sink: the event's fields as sent, and its time.
 pub(crate) struct Row<'a> {
     pub(crate) created_at: Timestamp,
@@ -149,26 +138,12 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Inserts one chunk. `token` identifies the chunk across retries; `attempt` says whether
-    /// an earlier insert of it may have landed.
-    pub(crate) async fn insert(
-        &self,
-        rows: &[Row<'_>],
-        token: &str,
-        attempt: Attempt,
-    ) -> Result<(), SinkError> {
+    /// Inserts one chunk. `token` identifies the chunk across retries: an attempt at a chunk
+    /// that has landed, however late it arrives, inserts nothing (see each sink).
+    pub(crate) async fn insert(&self, rows: &[Row<'_>], token: &str) -> Result<(), SinkError> {
         match self {
-            Sink::ClickHouse(sink) => sink.insert(rows, token, attempt).await,
+            Sink::ClickHouse(sink) => sink.insert(rows, token).await,
             Sink::Embedded(sink) => sink.insert(rows, token).await,
-        }
-    }
-
-    /// Before a chunk that may have landed is inserted again: lets an earlier attempt that the
-    /// server may still hold finish first (ClickHouse before 22.2; nothing to do elsewhere).
-    pub(crate) async fn settle(&self) -> Result<(), SinkError> {
-        match self {
-            Sink::ClickHouse(sink) => sink.settle().await,
-            Sink::Embedded(_) => Ok(()),
         }
     }
 
