@@ -51,7 +51,7 @@ use reqwest::Url;
 use spillway::workload::{Workload, WorkloadSettings};
 use spillway::{
     BatchSettings, Buffer, ClickHouseSettings, ClickHouseSink, Event, EventKind, FlushSettings,
-    Flusher, HeldSettings, Queue, RedisQueue, SchemaVariant, Sink,
+    Flusher, Queue, QueueSettings, RedisQueue, SchemaVariant, Sink,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -685,7 +685,7 @@ async fn one_run(settings: &Settings, env: &Env, number: usize) -> anyhow::Resul
 
     let add_prefix = format!("bench:{id}:add:");
     let queue = Queue::Redis(
-        RedisQueue::connect(&settings.redis_url, &add_prefix, HeldSettings::default()).await?,
+        RedisQueue::connect(&settings.redis_url, &add_prefix, QueueSettings::default()).await?,
     );
     let stage = add(env, queue.clone(), events).await?;
     report_stage(number, Stage::Add, &stage);
@@ -1079,7 +1079,7 @@ async fn requests_per_type(
         let n = subset.len().max(1) as f64;
         let prefix = format!("bench:{id}:type:{name}:");
         let queue = Queue::Redis(
-            RedisQueue::connect(&settings.redis_url, &prefix, HeldSettings::default()).await?,
+            RedisQueue::connect(&settings.redis_url, &prefix, QueueSettings::default()).await?,
         );
         let before = env.redis_snapshot().await?;
         add_all(queue, subset.clone()).await?;
@@ -1105,7 +1105,8 @@ async fn requests_per_type(
 
 /// Adds every event one by one and waits until every receipt resolved.
 async fn add_all(queue: Queue, events: Vec<Event>) -> anyhow::Result<()> {
-    let (buffer, batcher) = Buffer::start(queue, BatchSettings::default(), HeldSettings::default());
+    let (buffer, batcher) =
+        Buffer::start(queue, BatchSettings::default(), QueueSettings::default());
     let mut receipts = Vec::with_capacity(events.len());
     for event in events {
         receipts.push(buffer.add(event).await?);

@@ -49,9 +49,12 @@ pub async fn open(config: &Config) -> Result<(Queue, Option<Sink>), BackendError
 pub async fn open_queue(config: &Config) -> Result<Queue, BackendError> {
     Ok(match &config.redis {
         Some(redis) => Queue::Redis(
-            RedisQueue::connect(&redis.url, &redis.key_prefix, config.held_settings()).await?,
+            RedisQueue::connect(&redis.url, &redis.key_prefix, config.queue_settings()).await?,
         ),
-        None => Queue::Embedded(SqliteQueue::open(&config.data_dir, config.held_settings())?),
+        None => Queue::Embedded(SqliteQueue::open(
+            &config.data_dir,
+            config.queue_settings(),
+        )?),
     })
 }
 
@@ -89,7 +92,7 @@ pub fn start_buffer(
     config: &Config,
     queue: Queue,
 ) -> Result<(Buffer, tokio::task::JoinHandle<()>), BackendError> {
-    let (batch, held) = (config.batch_settings(), config.held_settings());
+    let (batch, held) = (config.batch_settings(), config.queue_settings());
     match &queue {
         Queue::Redis(_) if config.journal.enabled => {
             let journal = Journal::open(&config.data_dir, config.journal.max_events)?;

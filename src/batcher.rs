@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::{BatchSettings, HeldSettings};
+use crate::config::{BatchSettings, QueueSettings};
 use crate::event::Event;
 use crate::journal::Journal;
 use crate::metrics;
@@ -70,7 +70,7 @@ impl Buffer {
     pub fn start(
         queue: Queue,
         batch: BatchSettings,
-        held: HeldSettings,
+        held: QueueSettings,
     ) -> (Buffer, JoinHandle<()>) {
         Buffer::start_with(queue, batch, held, None)
     }
@@ -80,7 +80,7 @@ impl Buffer {
     pub fn start_journaled(
         queue: Queue,
         batch: BatchSettings,
-        held: HeldSettings,
+        held: QueueSettings,
         journal: Journal,
     ) -> (Buffer, JoinHandle<()>) {
         Buffer::start_with(queue, batch, held, Some(journal))
@@ -89,7 +89,7 @@ impl Buffer {
     fn start_with(
         queue: Queue,
         batch: BatchSettings,
-        held: HeldSettings,
+        held: QueueSettings,
         journal: Option<Journal>,
     ) -> (Buffer, JoinHandle<()>) {
         // The channel holds commands, not events; bulk adds make a command carry many.
@@ -153,7 +153,7 @@ impl Buffer {
 struct Batcher {
     queue: Queue,
     settings: BatchSettings,
-    held: HeldSettings,
+    held: QueueSettings,
     /// Events not yet written, in arrival order.
     pending: Vec<Event>,
     /// `(n, done)`: resolve `done` once the first `n` pending events are written.

@@ -23,23 +23,28 @@ impl Default for BatchSettings {
     }
 }
 
-/// Held screen views and live visitors.
+/// What the queue keeps besides queued events, and for how long: held screen views, live
+/// visitors, and the ids of events it has taken in.
 #[derive(Debug, Clone, Copy)]
-pub struct HeldSettings {
+pub struct QueueSettings {
     /// Expiry of a held screen view (3600 s).
     pub ttl: Duration,
     /// A visitor counts as live this long after its last heartbeat (300 s).
     pub visitor_window: Duration,
     /// A visitor's heartbeat is refreshed at most this often, across all processes (60 s).
     pub heartbeat_refresh: Duration,
+    /// An event whose `id` the queue took in less than this long ago is dropped as a client's
+    /// re-send (120 s); zero turns the check off.
+    pub dedup_window: Duration,
 }
 
-impl Default for HeldSettings {
+impl Default for QueueSettings {
     fn default() -> Self {
-        HeldSettings {
+        QueueSettings {
             ttl: Duration::from_secs(3600),
             visitor_window: Duration::from_secs(300),
             heartbeat_refresh: Duration::from_secs(60),
+            dedup_window: Duration::from_secs(120),
         }
     }
 }
@@ -243,6 +248,10 @@ pub struct BatchConfig {
     pub micro_batch_size: usize,
     /// `EVENT_BUFFER_MICRO_BATCH_MS`.
     pub micro_batch_ms: u64,
+    /// An event whose `id` was taken in less than this many seconds ago is dropped as a
+    /// client's re-send of a request whose answer it lost; 0 turns the check off. Costs one
+    /// short Redis key per event for the window (≈ 130 bytes).
+    pub dedup_window_secs: u64,
 }
 
 impl Default for BatchConfig {
@@ -250,6 +259,7 @@ impl Default for BatchConfig {
         BatchConfig {
             micro_batch_size: 100,
             micro_batch_ms: 10,
+            dedup_window_secs: 120,
         }
     }
 }
@@ -463,11 +473,12 @@ impl Config {
 
     /// Held-view and visitor settings.
     #[must_use]
-    pub fn held_settings(&self) -> HeldSettings {
-        HeldSettings {
+    pub fn queue_settings(&self) -> QueueSettings {
+        QueueSettings {
             ttl: Duration::from_secs(self.held.ttl_secs),
             visitor_window: Duration::from_secs(self.held.visitor_window_secs),
             heartbeat_refresh: Duration::from_secs(self.held.heartbeat_refresh_secs),
+            dedup_window: Duration::from_secs(self.batch.dedup_window_secs),
         }
     }
 

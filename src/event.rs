@@ -75,6 +75,8 @@ pub enum EventKind {
 pub struct Event {
     json: String,
     kind: EventKind,
+    /// The client's `id` for the event, which a re-sent copy repeats.
+    id: Option<String>,
     project_id: String,
     profile_id: Option<String>,
     session_id: Option<String>,
@@ -104,6 +106,7 @@ impl Event {
         let (name, project_id) = fields.name_and_project()?;
         let profile_id = fields.id("profile_id")?;
         let session_id = fields.id("session_id")?;
+        let id = fields.id("id")?;
         if let Some(duration) = fields.get("duration") {
             let text = duration.get();
             if !is_non_negative_number(text) {
@@ -137,6 +140,7 @@ impl Event {
         Ok(Event {
             json,
             kind,
+            id,
             project_id,
             profile_id,
             session_id,
@@ -161,6 +165,12 @@ impl Event {
     #[must_use]
     pub fn kind(&self) -> EventKind {
         self.kind
+    }
+
+    /// The client's id for the event, when it has a non-empty one.
+    #[must_use]
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 
     /// The project the event belongs to.

@@ -29,7 +29,7 @@ pub mod time;
 pub mod workload;
 
 pub use batcher::{Buffer, BufferError, Receipt};
-pub use config::{BatchSettings, ClickHouseSettings, FlushSettings, HeldSettings};
+pub use config::{BatchSettings, ClickHouseSettings, FlushSettings, QueueSettings};
 pub use event::{Event, EventError, EventKind};
 pub use flusher::{DrainReport, FlushError, FlushOutcome, FlushReport, Flusher};
 pub use queue::{BatchFeed, Queue, QueueError, QueueStats, RedisQueue, SqliteQueue};

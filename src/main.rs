@@ -128,6 +128,9 @@ struct ConfigArgs {
     /// Longest wait, ms, before a partial micro-batch is written.
     #[arg(long, env = "EVENT_BUFFER_MICRO_BATCH_MS", global = true)]
     micro_batch_ms: Option<u64>,
+    /// Seconds during which an event `id` already taken in is dropped as a re-send (0: off).
+    #[arg(long, env = "SPILLWAY_DEDUP_WINDOW_SECS", global = true)]
+    dedup_window_secs: Option<u64>,
     /// Events claimed per flush.
     #[arg(long, env = "EVENT_BUFFER_BATCH_SIZE", global = true)]
     batch_size: Option<usize>,
@@ -251,6 +254,10 @@ impl ConfigArgs {
         set(
             &mut config.batch.micro_batch_ms,
             self.micro_batch_ms.as_ref(),
+        );
+        set(
+            &mut config.batch.dedup_window_secs,
+            self.dedup_window_secs.as_ref(),
         );
         set(&mut config.flush.batch_size, self.batch_size.as_ref());
         set(&mut config.flush.chunk_size, self.chunk_size.as_ref());
@@ -474,7 +481,7 @@ async fn import(file: &PathBuf, config: &Config) -> anyhow::Result<()> {
     };
     let queue = backend::open_queue(config).await?;
     // A one-shot import waits for the queue rather than journaling: nothing would replay it.
-    let (buffer, batcher) = Buffer::start(queue, config.batch_settings(), config.held_settings());
+    let (buffer, batcher) = Buffer::start(queue, config.batch_settings(), config.queue_settings());
     let started = Instant::now();
     let (mut accepted, mut rejected) = (0usize, 0usize);
     let mut receipts = Vec::new();

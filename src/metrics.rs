@@ -56,6 +56,11 @@ pub(crate) fn events_rejected(reason: &'static str, n: usize) {
     counter!("spillway_ingest_events_rejected_total", "reason" => reason).increment(n as u64);
 }
 
+/// Events dropped at the queue because their `id` was taken in within the re-send window.
+pub(crate) fn events_resent(n: usize) {
+    counter!("spillway_queue_resent_events_dropped_total").increment(n as u64);
+}
+
 /// Ingest requests by response status.
 pub(crate) fn ingest_request(status: u16) {
     counter!("spillway_ingest_requests_total", "status" => status.to_string()).increment(1);

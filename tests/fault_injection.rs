@@ -20,9 +20,9 @@
 //! which attempt it came from. The stream goes on until the last fault is over (so it may send
 //! more than its size). Then everything drains, and the test compares: every acknowledged id in
 //! ClickHouse, no attempt landed twice, every corrupt entry in the dead-letter list. It prints
-//! one summary line and fails on any loss or duplicate. An id that landed from two attempts
-//! (the first was written, its answer lost to a kill) is counted apart, as "re-sent": spillway
-//! acknowledges writes, and has no idempotency key to recognise a client's retry.
+//! one summary line and fails on any loss or duplicate, including an id that landed from two
+//! attempts (the first was written, its answer lost to a kill, and the client sent it again):
+//! the queue drops an event whose id it took in within its re-send window.
 //!
 //! Sizes (environment): `SPILLWAY_FAULT_EVENTS` (at least this many events, 100,000),
 //! `SPILLWAY_FAULT_KILLS` (10), `SPILLWAY_FAULT_RATE` (events per second the clients send,
@@ -246,7 +246,7 @@ impl Bench {
         let redis = Redis::start(redis_port, scratch.0.join("redis")).await;
         let clickhouse = ClickHouse::start(scratch.0.join("servers"), [http, tcp, chdb]);
         clickhouse.create_events_table().await;
-        let held = spillway::HeldSettings::default();
+        let held = spillway::QueueSettings::default();
         let queue = spillway::Queue::Redis(
             spillway::RedisQueue::connect(&redis.url(), PREFIX, held)
                 .await
@@ -1712,7 +1712,7 @@ struct Tally {
     /// Ids one attempt of which landed more than once: spillway duplicated a write.
     duplicated: Vec<String>,
     /// Ids that landed from two attempts: the client re-sent a request whose first attempt
-    /// landed without an answer (spillway has no idempotency key at ingest).
+    /// landed without an answer, and the queue took the id in twice.
     resent_twice: Vec<String>,
     lost: Vec<String>,
     never_acknowledged: Vec<String>,
@@ -1733,7 +1733,8 @@ impl Tally {
     fn summary(&self) -> String {
         format!(
             "fault injection: sent {}, acknowledged {}, landed {}, duplicated {}, \
-             dead-lettered {} (of {} corrupt), lost {}, kills {}; re-sent and landed twice {}",
+             dead-lettered {} (of {} corrupt), lost {}, kills {}; requests sent again {}, \
+             re-sent and landed twice {}",
             self.sent,
             self.acknowledged,
             self.landed,
@@ -1742,6 +1743,7 @@ impl Tally {
             self.corrupt,
             self.lost.len(),
             self.kills,
+            self.attempts - self.requests,
             self.resent_twice.len()
         )
     }
@@ -1758,6 +1760,10 @@ impl Tally {
         check(
             "events duplicated (one attempt landed twice)",
             &self.duplicated,
+        );
+        check(
+            "events landed twice from a re-sent request",
+            &self.resent_twice,
         );
         check("events never acknowledged", &self.never_acknowledged);
         check("events landed from a refused attempt", &self.phantom);

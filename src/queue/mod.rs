@@ -162,11 +162,17 @@ pub enum Queue {
 }
 
 impl Queue {
+    /// Writes one micro-batch atomically, once per micro-batch id. Events whose `id` the queue
+    /// took in within the re-send window are dropped (counted in the metrics).
     pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<(), QueueError> {
-        match self {
-            Queue::Redis(q) => q.write(batch).await,
-            Queue::Embedded(q) => q.write(batch).await,
+        let resent = match self {
+            Queue::Redis(q) => q.write(batch).await?,
+            Queue::Embedded(q) => q.write(batch).await?,
+        };
+        if resent > 0 {
+            crate::metrics::events_resent(resent);
         }
+        Ok(())
     }
 
     /// The held screen view of a session.

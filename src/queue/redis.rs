@@ -13,6 +13,7 @@
 //! <prefix>event_buffer:dead_letter                         list    {"reason","entry","at"} records
 //! <prefix>event_buffer:applied:<micro-batch id>            string  marker, EX 3600 (retry guard)
 //! <prefix>event_buffer:held_index                          zset    session view key -> held at ms
+//! <prefix>event_buffer:seen:<event id>                     string  "1", EX re-send window
 //! <prefix>events:batch                                     channel {"projectId","count"} per flush
 //! ```
 //!
@@ -32,7 +33,7 @@ use serde_json::value::RawValue;
 use futures_util::StreamExt;
 
 use super::{BatchFeed, Claim, MicroBatch, QueueError, QueueStats};
-use crate::config::HeldSettings;
+use crate::config::QueueSettings;
 use crate::event::EventKind;
 use crate::time::Timestamp;
 
@@ -106,6 +107,9 @@ impl Keys {
     pub(crate) fn applied(&self, batch_id: &str) -> String {
         self.key(&format!("event_buffer:applied:{batch_id}"))
     }
+    pub(crate) fn seen(&self, event_id: &str) -> String {
+        self.key(&format!("event_buffer:seen:{event_id}"))
+    }
     pub(crate) fn session_view(&self, session: &str) -> String {
         self.key(&format!("event_buffer:last_screen_view:session:{session}"))
     }
@@ -122,13 +126,25 @@ impl Keys {
     }
 }
 
+/// An `enqueue.lua` op kind, marked with '+' when the op's first key is its id's marker.
+fn with_seen(kind: &'static str, seen: bool) -> &'static str {
+    match (kind, seen) {
+        ("e", true) => "e+",
+        ("v", true) => "v+",
+        ("V", true) => "V+",
+        ("x", true) => "x+",
+        ("X", true) => "X+",
+        _ => kind,
+    }
+}
+
 /// The queue on a single Redis server (or a Redis-compatible one with Lua and `SET .. GET`).
 #[derive(Clone)]
 pub struct RedisQueue {
     client: redis::Client,
     conn: ConnectionManager,
     keys: Keys,
-    held: HeldSettings,
+    held: QueueSettings,
 }
 
 impl RedisQueue {
@@ -136,7 +152,7 @@ impl RedisQueue {
     ///
     /// # Errors
     /// [`QueueError::Connect`] when the URL is invalid or the server does not answer.
-    pub async fn connect(url: &str, prefix: &str, held: HeldSettings) -> Result<Self, QueueError> {
+    pub async fn connect(url: &str, prefix: &str, held: QueueSettings) -> Result<Self, QueueError> {
         let connect_error = |error| QueueError::Connect {
             url: redact_url(url),
             error,
@@ -169,8 +185,9 @@ impl RedisQueue {
         })
     }
 
-    /// Writes one micro-batch with a single `EVALSHA` of `enqueue.lua`.
-    pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<(), QueueError> {
+    /// Writes one micro-batch with a single `EVALSHA` of `enqueue.lua`; returns how many of its
+    /// events were dropped as re-sent.
+    pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<usize, QueueError> {
         let keys = &self.keys;
         let mut call = ENQUEUE.prepare_invoke();
         call.key(keys.queue())
@@ -180,8 +197,18 @@ impl RedisQueue {
             .arg(self.held.ttl.as_secs())
             .arg(self.held.visitor_window.as_secs())
             .arg(self.held.heartbeat_refresh.as_secs())
-            .arg(batch.now.as_millis());
+            .arg(batch.now.as_millis())
+            .arg(self.held.dedup_window.as_secs());
+        let dedup = !self.held.dedup_window.is_zero();
         for event in batch.events {
+            // An event with an id has its marker first, and '+' after its kind.
+            let seen = match event.id() {
+                Some(id) if dedup => {
+                    call.key(keys.seen(id));
+                    true
+                }
+                _ => false,
+            };
             let profile = event
                 .profile_id()
                 .map(|profile| keys.profile_view(event.project_id(), profile));
@@ -195,7 +222,7 @@ impl RedisQueue {
                         }
                         None => "v",
                     };
-                    call.arg(kind).arg(event.held_value());
+                    call.arg(with_seen(kind, seen)).arg(event.held_value());
                 }
                 (EventKind::SessionEnd, Some(session)) => {
                     call.key(keys.session_view(session));
@@ -206,10 +233,10 @@ impl RedisQueue {
                         }
                         None => "x",
                     };
-                    call.arg(kind).arg(event.json());
+                    call.arg(with_seen(kind, seen)).arg(event.json());
                 }
                 _ => {
-                    call.arg("e").arg(event.json());
+                    call.arg(with_seen("e", seen)).arg(event.json());
                 }
             }
         }
@@ -220,8 +247,9 @@ impl RedisQueue {
                 .arg(profile.as_str());
         }
         let mut conn = self.conn.clone();
-        call.invoke_async::<i64>(&mut conn).await?;
-        Ok(())
+        let resent: i64 = call.invoke_async(&mut conn).await?;
+        // -1: this micro-batch was written before (a retry after a lost reply).
+        Ok(usize::try_from(resent).unwrap_or(0))
     }
 
     /// The held screen view of a session, as its event JSON.

@@ -15,6 +15,7 @@
 //! heartbeats      (project, profile) PK, expires_ms  live:visitor:<project>:<profile> key
 //! flush_lock      token, expires_ms                  at most one row
 //! applied         id PK, at_ms                       micro-batch ids written within the hour
+//! seen            id PK, expires_ms                  event_buffer:seen:<id>: ids in the re-send window
 //! ```
 //!
 //! Each step (`write`, `claim`, `progress`, `commit`, ...) is one transaction, so the invariants
@@ -41,7 +42,7 @@ use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{BatchFeed, Claim, MicroBatch, QueueError, QueueStats};
-use crate::config::HeldSettings;
+use crate::config::QueueSettings;
 use crate::event::{self, Event, EventKind};
 use crate::time::{self, Timestamp};
 
@@ -81,6 +82,8 @@ CREATE TABLE IF NOT EXISTS flush_lock (
     id INTEGER PRIMARY KEY CHECK (id = 1), token TEXT NOT NULL, expires_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS applied (id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS applied_age ON applied (at_ms);
+CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS seen_expiry ON seen (expires_ms);
 ";
 
 /// The data directory's one SQLite connection, shared by the queue and the embedded sink. It
@@ -143,7 +146,7 @@ impl Db {
 #[derive(Clone)]
 pub struct SqliteQueue {
     db: Arc<Db>,
-    held: HeldSettings,
+    held: QueueSettings,
     feed: broadcast::Sender<String>,
 }
 
@@ -155,7 +158,7 @@ impl SqliteQueue {
     /// [`QueueError::InUse`] when another process has the directory open,
     /// [`QueueError::DataDir`] when it cannot be created or locked, [`QueueError::Sqlite`] when
     /// the database cannot be opened.
-    pub fn open(dir: &Path, held: HeldSettings) -> Result<SqliteQueue, QueueError> {
+    pub fn open(dir: &Path, held: QueueSettings) -> Result<SqliteQueue, QueueError> {
         let db = Db::open(dir, DB_FILE, LOCK_FILE)?;
         let conn = db.lock();
         conn.execute_batch(SCHEMA)?;
@@ -177,8 +180,9 @@ impl SqliteQueue {
         Arc::clone(&self.db)
     }
 
-    /// Writes one micro-batch in one transaction, once per micro-batch id.
-    pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<(), QueueError> {
+    /// Writes one micro-batch in one transaction, once per micro-batch id; returns how many of
+    /// its events were dropped as re-sent (as `enqueue.lua`).
+    pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<usize, QueueError> {
         let id = batch.id.to_owned();
         let events = batch.events.to_vec();
         let heartbeats = batch.heartbeats.to_vec();
@@ -193,8 +197,13 @@ impl SqliteQueue {
                     "INSERT OR IGNORE INTO applied (id, at_ms) VALUES (?1, ?2)",
                     params![id, now],
                 )? == 1;
+                let mut resent = 0;
                 if first_time {
                     for event in &events {
+                        if !first_seen(&tx, event, now, held.dedup_window)? {
+                            resent += 1;
+                            continue;
+                        }
                         write_event(&tx, event, now.saturating_add(millis(held.ttl)))?;
                     }
                     for (project, profile) in &heartbeats {
@@ -202,7 +211,7 @@ impl SqliteQueue {
                     }
                 }
                 tx.commit()?;
-                Ok(())
+                Ok(resent)
             })
             .await
     }
@@ -628,7 +637,26 @@ fn delete_expired(tx: &Transaction<'_>, now: i64) -> rusqlite::Result<()> {
         "DELETE FROM applied WHERE at_ms <= ?1",
         [now - APPLIED_TTL_MS],
     )?;
+    tx.execute("DELETE FROM seen WHERE expires_ms <= ?1", [now])?;
     Ok(())
+}
+
+/// Whether the event is taken in for the first time within the re-send window (always, for an
+/// event without an id or with the check off); remembers its id. Expired ids were deleted at
+/// the start of the transaction.
+fn first_seen(
+    tx: &Transaction<'_>,
+    event: &Event,
+    now: i64,
+    window: Duration,
+) -> rusqlite::Result<bool> {
+    let Some(id) = event.id().filter(|_| !window.is_zero()) else {
+        return Ok(true);
+    };
+    let inserted = tx
+        .prepare_cached("INSERT OR IGNORE INTO seen (id, expires_ms) VALUES (?1, ?2)")?
+        .execute(params![id, now.saturating_add(millis(window))])?;
+    Ok(inserted == 1)
 }
 
 /// One event of a micro-batch, as `enqueue.lua` handles its op. Expired views were deleted at
@@ -699,7 +727,7 @@ fn heartbeat(
     tx: &Transaction<'_>,
     (project, profile): (&str, &str),
     (stamp, now): (i64, i64),
-    held: HeldSettings,
+    held: QueueSettings,
 ) -> rusqlite::Result<()> {
     let window = millis(held.visitor_window);
     let refresh = millis(held.heartbeat_refresh);
@@ -753,7 +781,7 @@ impl Scratch {
     pub(crate) fn new() -> Scratch {
         let name = format!("spillway-unit-{}", uuid::Uuid::new_v4().simple());
         let dir = std::env::temp_dir().join(name);
-        let queue = SqliteQueue::open(&dir, HeldSettings::default()).expect("opens");
+        let queue = SqliteQueue::open(&dir, QueueSettings::default()).expect("opens");
         Scratch { dir, queue }
     }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use spillway::{BatchSettings, Buffer, HeldSettings, QueueError, SqliteQueue};
+use spillway::{BatchSettings, Buffer, QueueError, QueueSettings, SqliteQueue};
 
 use crate::helpers::*;
 
@@ -90,11 +90,11 @@ async fn a_second_open_of_the_data_directory_is_refused_until_the_first_closes()
     let (buffer, batcher) = Buffer::start(
         queue.clone(),
         BatchSettings::default(),
-        HeldSettings::default(),
+        QueueSettings::default(),
     );
     add_all(&buffer, &[&click("a", "p1", 0)]).await;
 
-    let Err(err) = SqliteQueue::open(&dir, HeldSettings::default()) else {
+    let Err(err) = SqliteQueue::open(&dir, QueueSettings::default()) else {
         panic!("a second open must be refused");
     };
     assert!(matches!(err, QueueError::InUse { .. }), "{err:?}");
@@ -131,7 +131,7 @@ async fn child_writes_then_waits_to_be_killed() {
         return;
     };
     let (queue, _sink) = open_embedded(Path::new(&dir)).expect("the child opens the directory");
-    let buffer = Buffer::start(queue, BatchSettings::default(), HeldSettings::default()).0;
+    let buffer = Buffer::start(queue, BatchSettings::default(), QueueSettings::default()).0;
     let events: Vec<String> = (0..500).map(|i| click(&format!("e{i}"), "p1", i)).collect();
     add_all(&buffer, &refs(&events)).await;
     println!("written");
@@ -167,7 +167,7 @@ async fn a_killed_process_loses_nothing_and_frees_the_directory() {
         "the child wrote its events"
     );
 
-    let Err(err) = SqliteQueue::open(&dir, HeldSettings::default()) else {
+    let Err(err) = SqliteQueue::open(&dir, QueueSettings::default()) else {
         panic!("the child holds the directory");
     };
     assert!(matches!(err, QueueError::InUse { .. }), "{err:?}");

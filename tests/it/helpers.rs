@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use redis::AsyncCommands;
 use spillway::{
     BatchSettings, Buffer, ClickHouseSettings, ClickHouseSink, Event, FlushSettings, Flusher,
-    HeldSettings, Queue, QueueError, RedisQueue, SchemaVariant, Sink, SqliteQueue, SqliteSink,
+    Queue, QueueError, QueueSettings, RedisQueue, SchemaVariant, Sink, SqliteQueue, SqliteSink,
 };
 
 fn server_url(var: &str) -> String {
@@ -59,7 +59,7 @@ impl TestEnv {
             .await
             .expect("Redis at SPILLWAY_TEST_REDIS_URL answers");
         let queue = Queue::Redis(
-            RedisQueue::connect(&redis_url, &prefix, HeldSettings::default())
+            RedisQueue::connect(&redis_url, &prefix, QueueSettings::default())
                 .await
                 .expect("queue connects"),
         );
@@ -89,7 +89,7 @@ impl TestEnv {
     }
 
     pub(crate) fn buffer_with(&self, settings: BatchSettings) -> Buffer {
-        Buffer::start(self.queue.clone(), settings, HeldSettings::default()).0
+        Buffer::start(self.queue.clone(), settings, QueueSettings::default()).0
     }
 
     /// Adds events and waits until they are in Redis.
@@ -207,7 +207,7 @@ impl EmbeddedEnv {
         Buffer::start(
             self.queue.clone(),
             BatchSettings::default(),
-            HeldSettings::default(),
+            QueueSettings::default(),
         )
         .0
     }
@@ -262,7 +262,7 @@ pub(crate) fn fresh_dir() -> PathBuf {
 
 /// Opens the embedded queue and sink in `dir`.
 pub(crate) fn open_embedded(dir: &Path) -> Result<(Queue, Sink), QueueError> {
-    let queue = SqliteQueue::open(dir, HeldSettings::default())?;
+    let queue = SqliteQueue::open(dir, QueueSettings::default())?;
     let sink = SqliteSink::open(&queue).expect("sink tables");
     Ok((Queue::Embedded(queue), Sink::Embedded(sink)))
 }
@@ -337,7 +337,7 @@ impl Backend {
     }
 
     pub(crate) fn buffer_with(&self, settings: BatchSettings) -> Buffer {
-        Buffer::start(self.queue().clone(), settings, HeldSettings::default()).0
+        Buffer::start(self.queue().clone(), settings, QueueSettings::default()).0
     }
 
     /// Adds events and waits until they are in the queue.

@@ -873,6 +873,40 @@ async fn with_no_servers_events_land_in_the_embedded_sink_and_are_queryable() {
 }
 
 #[tokio::test]
+async fn a_request_sent_again_lands_once_unless_the_window_is_off() {
+    let body = format!(
+        "[{},{},{}]",
+        click("a", "p1", 0),
+        click("b", "p1", 1),
+        screen_view("v", "s1", "u1", 2)
+    );
+    // Held screen views are not flushed: with the window, the two clicks land; without it, the
+    // copy's clicks land too, and its screen view releases the first copy's.
+    for (window, landed, dropped) in [("120", "2\n", "3"), ("0", "5\n", "0")] {
+        let dir = DataDir::new();
+        let server = Server::start_embedded(&dir.0, &["--dedup-window-secs", window]);
+        for _ in 0..2 {
+            assert_eq!(
+                server.post("application/json", body.clone()).await.0,
+                202,
+                "every copy is acknowledged"
+            );
+        }
+        wait_until_flushed(&server).await;
+        assert_eq!(
+            query(&dir.0, "SELECT count(*) FROM events"),
+            format!("count(*)\n{landed}")
+        );
+        let metrics = server.get("/metrics").await.1;
+        let expected = format!("spillway_queue_resent_events_dropped_total {dropped}");
+        assert!(
+            metrics.contains(&expected) || dropped == "0",
+            "window {window}: missing {expected}:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn sigkill_mid_stream_then_restart_lands_every_acknowledged_event_once() {
     let dir = DataDir::new();
     let mut server = Server::start_embedded(&dir.0, &[]);

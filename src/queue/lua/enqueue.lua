@@ -9,7 +9,8 @@
 -- ARGV[2]   live-visitor window, seconds
 -- ARGV[3]   heartbeat refresh period, seconds
 -- ARGV[4]   now, epoch milliseconds
--- ARGV[5..] ops, two arguments each: kind, payload
+-- ARGV[5]   re-send window, seconds: how long an event id is remembered
+-- ARGV[6..] ops, two arguments each: kind, payload
 --
 --   kind  payload      keys                      effect
 --   e     event JSON   -                         queue the event
@@ -19,13 +20,19 @@
 --                                                forget the profile's view
 --   h     profile id   visitors zset, heartbeat  refresh the visitor's heartbeat
 --
+-- A kind followed by '+' (e+, v+, ...) is an event with an id: the op's first key is then the
+-- id's marker (event_buffer:seen:<id>). An id seen within the window is a client's re-send of
+-- an event already taken in: the op is skipped whole (a re-sent screen view must not release
+-- its own earlier copy).
+--
 -- A held value is {"ts":<created_at ms>,"at":<1-based offset of the event's top-level
 -- "duration" value, 0 if none>,"event":<event JSON>}: the seed's {"event","ts"} object with its
 -- numbers first, so this script reads them without scanning the event.
 -- Atomicity: a script runs alone, so the whole micro-batch lands or none of it does. The marker
 -- makes a call that is retried after a lost reply a no-op (returns -1), so a retry never queues
--- the batch twice. The index lets sweep.lua find views whose session went quiet. The
--- functions used here (split_held, set_duration) are in held.lua, loaded with this script.
+-- the batch twice. Otherwise returns the number of re-sent events skipped. The index lets
+-- sweep.lua find views whose session went quiet. The functions used here (split_held,
+-- set_duration, push_queued) are in held.lua, loaded with this script.
 -- The event's text is never decoded: on release only its top-level "duration"
 -- is rewritten, by string surgery.
 
@@ -37,12 +44,28 @@ local held_ttl = ARGV[1]
 local window_ms = tonumber(ARGV[2]) * 1000
 local refresh_ms = tonumber(ARGV[3]) * 1000
 local now = ARGV[4]
+local seen_window = ARGV[5]
+-- Keys of each op, besides an id's marker.
+local op_keys = { e = 0, v = 1, V = 2, x = 1, X = 2 }
 
 local out = {}
+local resent = 0
 local k = 5
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local kind, payload = ARGV[i], ARGV[i + 1]
-  if kind == 'e' then
+  if string.byte(kind, 2) == 43 then -- '+'
+    kind = string.sub(kind, 1, 1)
+    local first_time = redis.call('SET', KEYS[k], '1', 'NX', 'EX', seen_window)
+    k = k + 1
+    if not first_time then
+      resent = resent + 1
+      k = k + (op_keys[kind] or 0)
+      kind = 'skip'
+    end
+  end
+  if kind == 'skip' then
+    -- a re-sent event: nothing to do
+  elseif kind == 'e' then
     out[#out + 1] = payload
   elseif kind == 'v' or kind == 'V' then
     local previous = redis.call('SET', KEYS[k], payload, 'EX', held_ttl, 'GET')
@@ -87,4 +110,4 @@ for i = 5, #ARGV, 2 do
 end
 
 push_queued(KEYS[1], KEYS[2], out)
-return #out
+return resent

@@ -10,6 +10,7 @@
 mod buffer;
 mod flush;
 mod golden;
+mod resend;
 mod screen_views;
 mod visitors;
 
@@ -82,6 +83,12 @@ conformance! {
         two_flushers_racing_insert_every_event_exactly_once,
         a_flush_publishes_one_notification_per_project,
         corrupt_entries_are_dead_lettered_while_valid_ones_land,
+    }
+    resend {
+        a_re_sent_event_is_queued_once_and_the_first_copy_wins,
+        a_re_sent_screen_view_neither_releases_nor_replaces_the_held_one,
+        a_re_sent_session_end_is_queued_once,
+        events_without_an_id_are_never_dropped,
     }
     golden {
         the_golden_trace_lands_the_reference_rows_and_holds_the_reference_views,
