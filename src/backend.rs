@@ -1,5 +1,7 @@
 //! Opening the configured backends: Redis or the embedded queue, ClickHouse or the embedded sink.
 
+use std::time::Duration;
+
 use crate::config::Config;
 use crate::journal::Journal;
 use crate::queue::{Queue, QueueError, RedisQueue, SqliteQueue};
@@ -48,9 +50,23 @@ pub async fn open(config: &Config) -> Result<(Queue, Option<Sink>), BackendError
 /// [`BackendError::Queue`] when it cannot be reached or the data directory is in use.
 pub async fn open_queue(config: &Config) -> Result<Queue, BackendError> {
     Ok(match &config.redis {
-        Some(redis) => Queue::Redis(
-            RedisQueue::connect(&redis.url, &redis.key_prefix, config.queue_settings()).await?,
-        ),
+        Some(redis) => {
+            let settings = config.queue_settings();
+            let queue = if redis.cluster_nodes.is_empty() {
+                RedisQueue::connect(&redis.url, &redis.key_prefix, settings).await?
+            } else {
+                RedisQueue::connect_cluster(&redis.cluster_nodes, &redis.key_prefix, settings)
+                    .await?
+            };
+            let queue = match redis.shards {
+                Some(shards) => queue.sharded(shards),
+                None => queue,
+            };
+            Queue::Redis(queue.waiting_for_replicas(
+                redis.wait_replicas,
+                Duration::from_millis(redis.wait_timeout_ms),
+            ))
+        }
         None => Queue::Embedded(SqliteQueue::open(
             &config.data_dir,
             config.queue_settings(),

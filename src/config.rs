@@ -159,11 +159,45 @@ pub enum LogFormat {
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]` of a single server; empty with `cluster_nodes`.
+    #[serde(default)]
     pub url: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each); any reachable one will do.
+    #[serde(default)]
+    pub cluster_nodes: Vec<String>,
     /// Prefix for every key and channel; empty keeps OpenPanel's names.
     #[serde(default)]
     pub key_prefix: String,
+    /// Queue shards, each with its own flush lock (one flusher at a time per shard). Default:
+    /// 1 on a single server (OpenPanel's layout), 16 on a cluster.
+    #[serde(default)]
+    pub shards: Option<usize>,
+    /// Replicas each write must reach (`WAIT`) before events are acknowledged; 0 waits for
+    /// none (Redis' asynchronous replication: a master that dies may lose its last writes).
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// Longest `WAIT`, ms; a write that reached fewer replicas is retried (or journaled).
+    #[serde(default = "default_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
+}
+
+fn default_wait_timeout_ms() -> u64 {
+    1000
+}
+
+impl RedisConfig {
+    /// A single server at `url`, everything else default.
+    #[must_use]
+    pub fn single(url: &str) -> RedisConfig {
+        RedisConfig {
+            url: url.to_owned(),
+            cluster_nodes: Vec::new(),
+            key_prefix: String::new(),
+            shards: None,
+            wait_replicas: 0,
+            wait_timeout_ms: default_wait_timeout_ms(),
+        }
+    }
 }
 
 /// Where the ClickHouse sink writes.
@@ -447,6 +481,29 @@ impl Config {
                 "must be less than held.ttl_secs, or quiet sessions' views expire unwritten",
             );
         }
+        if let Some(redis) = &self.redis {
+            match (redis.url.is_empty(), redis.cluster_nodes.is_empty()) {
+                (true, true) => {
+                    return invalid("redis.url", "is empty: set it or redis.cluster_nodes")
+                }
+                (false, false) => {
+                    return invalid(
+                        "redis.cluster_nodes",
+                        "is set next to redis.url: a queue is on one server or on a cluster",
+                    )
+                }
+                _ => {}
+            }
+            if redis.shards == Some(0) {
+                return invalid("redis.shards", "must be greater than 0");
+            }
+            if redis.key_prefix.contains(['{', '}']) {
+                return invalid(
+                    "redis.key_prefix",
+                    "must not contain { or }: spillway's keys choose their own hash tags",
+                );
+            }
+        }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid("http.listen", "must be an address like 127.0.0.1:8080");
         }
@@ -511,6 +568,9 @@ impl Config {
         let mut shown = self.clone();
         if let Some(redis) = &mut shown.redis {
             redis.url = crate::queue::redact_url(&redis.url);
+            for node in &mut redis.cluster_nodes {
+                *node = crate::queue::redact_url(node);
+            }
         }
         if let Some(clickhouse) = &mut shown.clickhouse {
             if clickhouse.password.is_some() {

@@ -1,6 +1,8 @@
 //! Flushing: from the queue into the sink, one locked batch at a time.
 //!
-//! One flush, under the queue's flush lock:
+//! A flush takes one batch from each shard of the queue whose flush lock it gets (a plain
+//! queue is one shard; a lock held by another flusher is that flusher's lease, and the shard is
+//! skipped). For each shard, under its lock:
 //!
 //! 1. claim a batch (the abandoned in-flight one first, else up to `batch_size` queued events);
 //! 2. parse each entry; one that is not a valid event (or not even UTF-8) becomes a dead-letter
@@ -20,7 +22,10 @@ use std::time::Duration;
 use crate::config::FlushSettings;
 use crate::event;
 use crate::metrics;
-use crate::queue::{Queue, QueueError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::queue::{Queue, QueueError, Shard};
 use crate::sink::{Row, Sink, SinkError};
 use crate::time;
 
@@ -46,18 +51,18 @@ pub enum FlushError {
 /// What one flush did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FlushOutcome {
-    /// Another flusher holds the lock.
+    /// Nothing flushed: other flushers hold the locks of the shards with events.
     Busy,
     /// Nothing was queued or in flight.
     Empty,
-    /// A batch was flushed.
+    /// Batches were flushed (one per shard at most).
     Flushed(FlushReport),
 }
 
-/// Figures of one flushed batch.
+/// Figures of one flush: of its batch, or summed over the shards' batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlushReport {
-    /// Identity of the batch.
+    /// Identity of the batch (of each batch, comma-separated, when several shards flushed).
     pub batch_id: String,
     /// Rows inserted by this flush (chunks an earlier flusher recorded are not counted).
     pub rows: usize,
@@ -65,14 +70,31 @@ pub struct FlushReport {
     pub chunks: usize,
     /// Entries moved to the dead-letter list.
     pub dead_lettered: usize,
-    /// Whether the batch had been abandoned by an earlier flusher.
+    /// Whether a batch had been abandoned by an earlier flusher.
     pub resumed: bool,
+    /// Whether a batch was full, so more events may be waiting.
+    pub full: bool,
+}
+
+impl FlushReport {
+    fn add(&mut self, other: FlushReport) {
+        self.batch_id = format!("{},{}", self.batch_id, other.batch_id);
+        self.rows += other.rows;
+        self.chunks += other.chunks;
+        self.dead_lettered += other.dead_lettered;
+        self.resumed |= other.resumed;
+        self.full |= other.full;
+    }
 }
 
 /// Moves batches from the queue into the sink.
 #[derive(Clone)]
 pub struct Flusher {
     queue: Queue,
+    shards: Vec<Shard>,
+    /// The shard the next flush starts with: flushes take turns, so no shard waits behind
+    /// another.
+    next_shard: Arc<AtomicUsize>,
     sink: Sink,
     settings: FlushSettings,
 }
@@ -82,24 +104,53 @@ impl Flusher {
     #[must_use]
     pub fn new(queue: Queue, sink: Sink, settings: FlushSettings) -> Flusher {
         Flusher {
+            shards: queue.shards(),
             queue,
+            next_shard: Arc::new(AtomicUsize::new(0)),
             sink,
             settings,
         }
     }
 
-    /// Flushes one batch, if the lock is free and anything is queued.
+    /// Flushes one batch of each shard whose lock is free and that holds anything.
     ///
     /// # Errors
-    /// [`FlushError`] when the queue or the sink fails; the batch is then retried later.
+    /// The first [`FlushError`] of a shard (the other shards are flushed all the same); the
+    /// failed batch is retried later.
     pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
+        let count = self.shards.len();
+        let first = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        let (mut flushed, mut busy, mut failed) = (None::<FlushReport>, false, None);
+        for i in 0..count {
+            match self.flush_shard(&self.shards[(first + i) % count]).await {
+                Ok(FlushOutcome::Flushed(report)) => match &mut flushed {
+                    Some(total) => total.add(report),
+                    None => flushed = Some(report),
+                },
+                Ok(FlushOutcome::Busy) => busy = true,
+                Ok(FlushOutcome::Empty) => {}
+                Err(err) => {
+                    failed.get_or_insert(err);
+                }
+            }
+        }
+        match (failed, flushed) {
+            (Some(err), _) => Err(err),
+            (None, Some(report)) => Ok(FlushOutcome::Flushed(report)),
+            (None, None) if busy => Ok(FlushOutcome::Busy),
+            (None, None) => Ok(FlushOutcome::Empty),
+        }
+    }
+
+    /// Flushes one batch of `shard`, if its lock is free and it holds anything.
+    async fn flush_shard(&self, shard: &Shard) -> Result<FlushOutcome, FlushError> {
         let token = uuid::Uuid::new_v4().to_string();
-        if !self.queue.try_lock(&token, self.settings.lock_ttl).await? {
+        if !shard.try_lock(&token, self.settings.lock_ttl).await? {
             metrics::flush_lock_wait();
             return Ok(FlushOutcome::Busy);
         }
         let started = std::time::Instant::now();
-        let result = self.flush_locked(&token).await;
+        let result = self.flush_locked(shard, &token).await;
         match &result {
             Ok(FlushOutcome::Flushed(report)) => metrics::flush_done(
                 report.rows,
@@ -115,14 +166,14 @@ impl Flusher {
                 }
             }
         }
-        if let Err(err) = self.queue.unlock(&token).await {
+        if let Err(err) = shard.unlock(&token).await {
             tracing::warn!(error = %err, "could not release the flush lock; it expires by itself");
         }
         result
     }
 
-    /// Flushes until the queue and the in-flight batch are empty, waiting while another flusher
-    /// holds the lock. Returns the rows inserted.
+    /// Flushes until the queue and the in-flight batches are empty, waiting while another
+    /// flusher holds a lock. Returns the rows inserted.
     ///
     /// # Errors
     /// The first [`FlushError`]; what was flushed before it stays flushed.
@@ -133,7 +184,7 @@ impl Flusher {
                 FlushOutcome::Empty => return Ok(report),
                 FlushOutcome::Busy => tokio::time::sleep(Duration::from_millis(50)).await,
                 FlushOutcome::Flushed(batch) => {
-                    report.batches += 1;
+                    report.batches += batch.batch_id.split(',').count();
                     report.rows += batch.rows;
                     report.dead_lettered += batch.dead_lettered;
                 }
@@ -141,10 +192,9 @@ impl Flusher {
         }
     }
 
-    async fn flush_locked(&self, token: &str) -> Result<FlushOutcome, FlushError> {
+    async fn flush_locked(&self, shard: &Shard, token: &str) -> Result<FlushOutcome, FlushError> {
         let new_id = uuid::Uuid::new_v4().to_string();
-        let claim = self
-            .queue
+        let claim = shard
             .claim(token, self.settings.batch_size, &new_id)
             .await?;
         if claim.entries.is_empty() && claim.not_utf8.is_empty() {
@@ -164,6 +214,7 @@ impl Flusher {
             chunks: 0,
             dead_lettered: dead.len(),
             resumed: claim.resumed,
+            full: claim.entries.len() + claim.not_utf8.len() >= self.settings.batch_size,
         };
         for (index, chunk) in rows.chunks(chunk_size).enumerate() {
             if index < claim.chunks_done {
@@ -182,14 +233,14 @@ impl Flusher {
                     chunk: index,
                     error,
                 })?;
-            self.queue
+            shard
                 .progress(token, index + 1, self.settings.lock_ttl, &rejected)
                 .await?;
             report.rows += chunk.len() - rejected.len();
             report.chunks += requests;
             report.dead_lettered += rejected.len();
         }
-        self.queue.commit(token, &dead).await?;
+        shard.commit(token, &dead).await?;
         self.publish(&rows).await;
         Ok(FlushOutcome::Flushed(report))
     }

@@ -93,6 +93,24 @@ struct ConfigArgs {
     /// Redis URL; without it, the embedded queue is used.
     #[arg(long, env = "REDIS_URL", global = true)]
     redis_url: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated (instead of --redis-url).
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER_NODES",
+        global = true,
+        value_delimiter = ','
+    )]
+    redis_cluster_nodes: Option<Vec<String>>,
+    /// Queue shards on Redis, each flushed by one flusher at a time (1 on a server, 16 on a
+    /// cluster).
+    #[arg(long, env = "SPILLWAY_REDIS_SHARDS", global = true)]
+    redis_shards: Option<usize>,
+    /// Replicas each Redis write must reach (WAIT) before events are acknowledged.
+    #[arg(long, env = "SPILLWAY_REDIS_WAIT_REPLICAS", global = true)]
+    redis_wait_replicas: Option<u32>,
+    /// Longest WAIT for replicas, ms.
+    #[arg(long, env = "SPILLWAY_REDIS_WAIT_TIMEOUT_MS", global = true)]
+    redis_wait_timeout_ms: Option<u64>,
     /// Prefix for every Redis key and channel; empty keeps OpenPanel's names.
     #[arg(long, env = "SPILLWAY_KEY_PREFIX", global = true)]
     key_prefix: Option<String>,
@@ -195,19 +213,22 @@ impl ConfigArgs {
             }
         }
         set(&mut config.data_dir, self.data_dir.as_ref());
-        if let Some(url) = &self.redis_url {
-            let prefix = config
-                .redis
-                .take()
-                .map(|r| r.key_prefix)
-                .unwrap_or_default();
-            config.redis = Some(RedisConfig {
-                url: url.clone(),
-                key_prefix: prefix,
-            });
+        // A server or a cluster given here replaces the file's choice of either.
+        if self.redis_url.is_some() || self.redis_cluster_nodes.is_some() {
+            let redis = config.redis.get_or_insert_with(|| RedisConfig::single(""));
+            redis.url = self.redis_url.clone().unwrap_or_default();
+            redis.cluster_nodes = self.redis_cluster_nodes.clone().unwrap_or_default();
         }
         if let Some(redis) = &mut config.redis {
             set(&mut redis.key_prefix, self.key_prefix.as_ref());
+            if self.redis_shards.is_some() {
+                redis.shards = self.redis_shards;
+            }
+            set(&mut redis.wait_replicas, self.redis_wait_replicas.as_ref());
+            set(
+                &mut redis.wait_timeout_ms,
+                self.redis_wait_timeout_ms.as_ref(),
+            );
         }
         if let Some(url) = &self.clickhouse_url {
             match &mut config.clickhouse {

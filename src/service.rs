@@ -609,7 +609,6 @@ async fn openapi() -> Response {
 struct FlushLoop {
     flusher: Flusher,
     queue: Queue,
-    batch_size: usize,
     interval: Duration,
     /// A held view whose session sent nothing for this long is released unchanged.
     idle_release: Duration,
@@ -626,7 +625,6 @@ impl FlushLoop {
             board,
             flusher: Flusher::new(queue.clone(), sink, config.flush_settings()),
             queue,
-            batch_size: config.flush.batch_size,
             interval: Duration::from_millis(config.flush.interval_ms),
             idle_release: Duration::from_secs(config.held.idle_release_secs),
         }
@@ -647,7 +645,7 @@ impl FlushLoop {
     }
 
     async fn run(self, wakeup: Arc<Notify>, mut closing: watch::Receiver<bool>) {
-        let (flusher, batch_size, interval) = (&self.flusher, self.batch_size, self.interval);
+        let (flusher, interval) = (&self.flusher, self.interval);
         let mut failures = 0u32;
         loop {
             if *closing.borrow() {
@@ -661,7 +659,7 @@ impl FlushLoop {
                 Ok(FlushOutcome::Flushed(report)) => {
                     failures = 0;
                     tracing::debug!(rows = report.rows, batch = %report.batch_id, "flushed");
-                    if report.rows + report.dead_lettered >= batch_size {
+                    if report.full {
                         continue;
                     }
                     interval

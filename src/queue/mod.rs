@@ -16,7 +16,8 @@ mod redis;
 mod sqlite;
 
 pub(crate) use self::redis::redact_url;
-pub use self::redis::RedisQueue;
+use self::redis::RedisShard;
+pub use self::redis::{RedisQueue, DEFAULT_CLUSTER_SHARDS};
 #[cfg(test)]
 pub(crate) use self::sqlite::Scratch;
 pub use self::sqlite::SqliteQueue;
@@ -45,6 +46,16 @@ pub enum QueueError {
     /// The flush lock expired and another flusher holds it now.
     #[error("the flush lock was lost to another flusher")]
     LockLost,
+    /// A write reached its master but not the number of replicas the queue waits for.
+    #[error("the write to {key} reached {got} of the {wanted} replicas waited for")]
+    NotReplicated {
+        /// A key of the write.
+        key: String,
+        /// Replicas waited for.
+        wanted: u32,
+        /// Replicas that had the write when the wait ended.
+        got: u32,
+    },
     /// A stored value is not in the expected format.
     #[error("corrupt value: {0}")]
     Corrupt(String),
@@ -89,7 +100,9 @@ impl QueueError {
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
-            QueueError::Connect { .. } | QueueError::Redis(_) => true,
+            QueueError::Connect { .. }
+            | QueueError::Redis(_)
+            | QueueError::NotReplicated { .. } => true,
             // A busy database frees up; a full disk may be cleared, as Redis' OOM.
             QueueError::Sqlite(e) => matches!(
                 e.sqlite_error_code(),
@@ -333,17 +346,47 @@ impl Queue {
         Ok(entry.and_then(|e| crate::event::read_queued(&e).ok().map(|(_, at)| at)))
     }
 
+    /// The parts of the queue a flusher leases one at a time: the shards of a sharded Redis
+    /// queue, else the whole queue.
+    pub(crate) fn shards(&self) -> Vec<Shard> {
+        match self {
+            Queue::Redis(q) => q.shards().iter().cloned().map(Shard::Redis).collect(),
+            Queue::Embedded(q) => vec![Shard::Embedded(q.clone())],
+        }
+    }
+
+    /// Publishes a batch notification.
+    pub(crate) async fn publish(&self, payload: &str) -> Result<(), QueueError> {
+        match self {
+            Queue::Redis(q) => q.publish(payload).await,
+            Queue::Embedded(q) => q.publish(payload).await,
+        }
+    }
+}
+
+/// A part of the queue with its own flush lock, in-flight batch and dead-letter list: what one
+/// flusher leases at a time. `claim`, `progress` and `commit` succeed only for the holder of
+/// its lock.
+#[derive(Clone)]
+pub(crate) enum Shard {
+    /// One shard of a Redis queue (the whole queue in OpenPanel's layout).
+    Redis(RedisShard),
+    /// The embedded queue, which is one shard.
+    Embedded(SqliteQueue),
+}
+
+impl Shard {
     pub(crate) async fn try_lock(&self, token: &str, ttl: Duration) -> Result<bool, QueueError> {
         match self {
-            Queue::Redis(q) => q.try_lock(token, ttl).await,
-            Queue::Embedded(q) => q.try_lock(token, ttl).await,
+            Shard::Redis(q) => q.try_lock(token, ttl).await,
+            Shard::Embedded(q) => q.try_lock(token, ttl).await,
         }
     }
 
     pub(crate) async fn unlock(&self, token: &str) -> Result<(), QueueError> {
         match self {
-            Queue::Redis(q) => q.unlock(token).await,
-            Queue::Embedded(q) => q.unlock(token).await,
+            Shard::Redis(q) => q.unlock(token).await,
+            Shard::Embedded(q) => q.unlock(token).await,
         }
     }
 
@@ -354,8 +397,8 @@ impl Queue {
         new_id: &str,
     ) -> Result<Claim, QueueError> {
         match self {
-            Queue::Redis(q) => q.claim(token, max, new_id).await,
-            Queue::Embedded(q) => q.claim(token, max, new_id).await,
+            Shard::Redis(q) => q.claim(token, max, new_id).await,
+            Shard::Embedded(q) => q.claim(token, max, new_id).await,
         }
     }
 
@@ -367,22 +410,15 @@ impl Queue {
         dead: &[String],
     ) -> Result<(), QueueError> {
         match self {
-            Queue::Redis(q) => q.progress(token, chunks_done, ttl, dead).await,
-            Queue::Embedded(q) => q.progress(token, chunks_done, ttl, dead).await,
+            Shard::Redis(q) => q.progress(token, chunks_done, ttl, dead).await,
+            Shard::Embedded(q) => q.progress(token, chunks_done, ttl, dead).await,
         }
     }
 
     pub(crate) async fn commit(&self, token: &str, dead: &[String]) -> Result<(), QueueError> {
         match self {
-            Queue::Redis(q) => q.commit(token, dead).await,
-            Queue::Embedded(q) => q.commit(token, dead).await,
-        }
-    }
-
-    pub(crate) async fn publish(&self, payload: &str) -> Result<(), QueueError> {
-        match self {
-            Queue::Redis(q) => q.publish(payload).await,
-            Queue::Embedded(q) => q.publish(payload).await,
+            Shard::Redis(q) => q.commit(token, dead).await,
+            Shard::Embedded(q) => q.commit(token, dead).await,
         }
     }
 }

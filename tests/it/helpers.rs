@@ -25,6 +25,14 @@ fn server_url(var: &str) -> String {
     })
 }
 
+/// The seed nodes of the test cluster (`scripts/cluster.sh start`, which `scripts/test.sh` runs).
+pub(crate) fn cluster_nodes() -> Vec<String> {
+    server_url("SPILLWAY_TEST_REDIS_CLUSTER")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
 /// One test's slice of the servers: its own Redis key prefix and ClickHouse database.
 pub(crate) struct TestEnv {
     pub(crate) redis_url: String,
@@ -45,6 +53,20 @@ impl TestEnv {
     /// Against Redis and the current ClickHouse engine (chdb).
     pub(crate) async fn current() -> TestEnv {
         TestEnv::with_clickhouse("SPILLWAY_TEST_CHDB_URL").await
+    }
+
+    /// Against the Redis Cluster of `SPILLWAY_TEST_REDIS_CLUSTER` (a queue of `shards` shards)
+    /// and ClickHouse 18.16. The single Redis connection stays for what tests read raw.
+    pub(crate) async fn on_cluster(shards: usize) -> TestEnv {
+        let mut env = TestEnv::new().await;
+        let nodes = cluster_nodes();
+        env.queue = Queue::Redis(
+            RedisQueue::connect_cluster(&nodes, &env.prefix, QueueSettings::default())
+                .await
+                .expect("cluster queue connects")
+                .sharded(shards),
+        );
+        env
     }
 
     async fn with_clickhouse(var: &str) -> TestEnv {
@@ -292,6 +314,14 @@ impl Backend {
     pub(crate) async fn redis() -> Backend {
         Backend::Redis {
             env: TestEnv::new().await,
+            schema: SchemaVariant::Legacy,
+        }
+    }
+
+    /// The test Redis Cluster, a queue of `shards` shards, and ClickHouse 18.16.
+    pub(crate) async fn cluster(shards: usize) -> Backend {
+        Backend::Redis {
+            env: TestEnv::on_cluster(shards).await,
             schema: SchemaVariant::Legacy,
         }
     }

@@ -12,6 +12,7 @@
 mod helpers;
 
 mod cli;
+mod cluster;
 mod conformance;
 mod current_clickhouse;
 mod embedded;

@@ -32,7 +32,7 @@
 -- makes a call that is retried after a lost reply a no-op (returns -1), so a retry never queues
 -- the batch twice. Otherwise returns the number of re-sent events skipped. The index lets
 -- sweep.lua find views whose session went quiet. The functions used here (split_held,
--- set_duration, push_queued) are in held.lua, loaded with this script.
+-- set_duration, push_queued, heartbeat) are in held.lua, loaded with this script.
 -- The event's text is never decoded: on release only its top-level "duration"
 -- is rewritten, by string surgery.
 
@@ -96,14 +96,8 @@ for i = 6, #ARGV, 2 do
       k = k + 1
     end
   elseif kind == 'h' then
-    local visitors, heartbeat = KEYS[k], KEYS[k + 1]
+    heartbeat(KEYS[k], KEYS[k + 1], payload, now, window_ms, refresh_ms)
     k = k + 2
-    -- The heartbeat key is set with the full window as TTL, so a remaining TTL above
-    -- window - refresh means some process refreshed it less than a refresh period ago.
-    if redis.call('PTTL', heartbeat) <= window_ms - refresh_ms then
-      redis.call('ZADD', visitors, now, payload)
-      redis.call('SET', heartbeat, '1', 'PX', window_ms)
-    end
   else
     return redis.error_reply('ERR enqueue.lua: unknown op kind ' .. tostring(kind))
   end

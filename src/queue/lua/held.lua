@@ -1,5 +1,5 @@
 -- held.lua: functions shared by the scripts that queue events (enqueue.lua, sweep.lua,
--- replay.lua); prepended to each of them when it is loaded. Touches only the keys it is given.
+-- replay.lua) or beat hearts (heartbeat.lua); prepended to each of them when it is loaded. Touches only the keys it is given.
 
 -- Appends entries to the queue and keeps the counter equal to the queue's length (a missing
 -- counter is set from the length rather than started at the batch size).
@@ -13,6 +13,16 @@ local function push_queued(queue_key, counter_key, entries)
     else
       redis.call('SET', counter_key, redis.call('LLEN', queue_key))
     end
+  end
+end
+
+-- Refreshes a visitor's heartbeat unless some process did less than a refresh period ago. The
+-- heartbeat key is set with the full window as TTL, so a remaining TTL above window - refresh
+-- means a recent refresh.
+local function heartbeat(visitors_key, heartbeat_key, profile, now, window_ms, refresh_ms)
+  if redis.call('PTTL', heartbeat_key) <= window_ms - refresh_ms then
+    redis.call('ZADD', visitors_key, now, profile)
+    redis.call('SET', heartbeat_key, '1', 'PX', window_ms)
   end
 end
 

@@ -25,6 +25,13 @@ fn text(value: &serde_json::Value) -> String {
 pub(super) async fn the_golden_trace_lands_the_reference_rows_and_holds_the_reference_views(
     b: Backend,
 ) {
+    add_the_golden_trace_and_drain(&b).await;
+    assert_the_reference_rows_landed(&b).await;
+    assert_eq!(b.held_keys().await, expected_held());
+}
+
+/// Adds the golden trace through one buffer and drains it into the sink.
+pub(crate) async fn add_the_golden_trace_and_drain(b: &Backend) {
     let trace = std::fs::read_to_string(format!("{GOLDEN}/trace.ndjson")).expect("trace");
     let trace: Vec<&str> = trace.lines().collect();
     b.add_all(&b.buffer(), &trace).await;
@@ -33,7 +40,11 @@ pub(super) async fn the_golden_trace_lands_the_reference_rows_and_holds_the_refe
         .drain()
         .await
         .expect("drain");
+}
 
+/// The rows the reference produced from the golden trace, durations included, are the rows
+/// that landed.
+pub(crate) async fn assert_the_reference_rows_landed(b: &Backend) {
     let expected: Vec<LandedRow> = golden("expected-rows.ndjson")
         .iter()
         .map(|r| LandedRow {
@@ -58,8 +69,12 @@ pub(super) async fn the_golden_trace_lands_the_reference_rows_and_holds_the_refe
         landed.len(),
         expected.len()
     );
+}
 
-    let expected_held: BTreeSet<(String, String, i64)> = golden("expected-held.ndjson")
+/// The screen views the reference held at the end of the golden trace, as `(key in
+/// OpenPanel's layout, event id, ts)`.
+pub(crate) fn expected_held() -> BTreeSet<(String, String, i64)> {
+    golden("expected-held.ndjson")
         .iter()
         .map(|h| {
             (
@@ -68,8 +83,7 @@ pub(super) async fn the_golden_trace_lands_the_reference_rows_and_holds_the_refe
                 h["ts"].as_i64().expect("ts"),
             )
         })
-        .collect();
-    assert_eq!(b.held_keys().await, expected_held);
+        .collect()
 }
 
 /// An event's id, read without building the whole JSON value.
@@ -78,8 +92,9 @@ struct Id<'a> {
     id: &'a str,
 }
 
-/// The reference's semantics in a few lines: which events land, and with what duration.
-fn reference_model(lines: &[String]) -> HashMap<String, u64> {
+/// The reference's semantics in a few lines: which events land, and with what duration (by
+/// event id).
+pub(crate) fn reference_model(lines: &[String]) -> HashMap<String, u64> {
     let mut rows = HashMap::new();
     let mut held: HashMap<String, (String, i64)> = HashMap::new();
     for line in lines {

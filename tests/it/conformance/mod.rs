@@ -9,7 +9,7 @@
 
 mod buffer;
 mod flush;
-mod golden;
+pub(crate) mod golden;
 mod resend;
 mod screen_views;
 mod visitors;
