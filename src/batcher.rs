@@ -439,6 +439,8 @@ fn is_transient(err: &QueueError) -> bool {
                     e.code(),
                     Some("LOADING" | "BUSY" | "TRYAGAIN" | "OOM" | "MASTERDOWN" | "READONLY")
                 )
+                // A cluster in failover: slots whose master died, redirects to it.
+                || matches!(e.code(), Some("CLUSTERDOWN" | "MOVED" | "ASK"))
         }
         other => other.is_retryable(),
     }

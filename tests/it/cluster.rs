@@ -12,6 +12,7 @@ use crate::conformance::golden::{
     reference_model,
 };
 use crate::helpers::*;
+use crate::service::{assert_landed_once, wait_until_flushed, DataDir, EventStream, Server};
 
 #[tokio::test]
 async fn the_golden_trace_lands_the_reference_rows_and_holds_the_reference_views() {
@@ -131,4 +132,234 @@ async fn visitors_quiet_sessions_counters_and_dead_letters_work_across_slots() {
     );
     assert_eq!(queue.replay_dead_letters(10).await.expect("replay"), 0);
     assert!(queue.dead_letters().await.expect("list").is_empty());
+}
+
+/// Two `serve --no-flush` ingest processes and two `spillway flush` workers share one queue of
+/// 16 shards on the cluster. Each session's events go, in order, to one ingest process (as a
+/// load balancer with session affinity would send them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_ingest_and_two_flush_processes_land_200k_events_once_with_the_reference_durations() {
+    const EVENTS: usize = 200_000;
+    const PER_REQUEST: usize = 500;
+    let env = TestEnv::new().await;
+    env.create_table(spillway::SchemaVariant::Legacy, "events")
+        .await;
+    let nodes = cluster_nodes();
+    let dirs: Vec<DataDir> = (0..4).map(|_| DataDir::new()).collect();
+    let shards = ["--redis-shards", "16"];
+    let ingest: Vec<Server> = dirs[..2]
+        .iter()
+        .map(|dir| {
+            Server::start_on_cluster(
+                &env,
+                &nodes,
+                &dir.0,
+                "serve",
+                &[&shards[..], &["--no-flush"]].concat(),
+            )
+        })
+        .collect();
+    let mut flushers: Vec<Server> = dirs[2..]
+        .iter()
+        .map(|dir| {
+            let args = [&shards[..], &["--flush-interval-ms", "100"]].concat();
+            Server::start_on_cluster(&env, &nodes, &dir.0, "flush", &args)
+        })
+        .collect();
+
+    let lines: Vec<String> = Workload::new(WorkloadSettings::default())
+        .take(EVENTS)
+        .collect();
+    let mut streams: [Vec<&str>; 2] = [Vec::new(), Vec::new()];
+    for line in &lines {
+        let session = field(line, "session_id");
+        let session = session.as_str().unwrap_or("");
+        let side = session
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31) + usize::from(b))
+            % 2;
+        streams[side].push(line);
+    }
+    let senders = streams
+        .iter()
+        .zip(&ingest)
+        .map(|(events, server)| async move {
+            for request in events.chunks(PER_REQUEST) {
+                let (status, body) = server
+                    .post("application/x-ndjson", request.join("\n"))
+                    .await;
+                assert_eq!(status, 202, "{body}");
+            }
+        });
+    futures_util::future::join_all(senders).await;
+
+    let model = reference_model(&lines);
+    let rows = u64::try_from(model.len()).expect("rows");
+    let count_sql = format!("SELECT count() FROM {}.events", env.database);
+    let mut landed = 0;
+    for _ in 0..600 {
+        landed = env.sql(&count_sql).await.trim().parse().expect("count");
+        if landed >= rows {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(landed, rows, "rows landed within two minutes");
+    for flusher in &mut flushers {
+        assert!(flusher.terminate().success(), "{}", flusher.logs());
+    }
+    let durations: HashMap<String, u64> = env
+        .rows(&format!(
+            "SELECT toString(id) AS id, duration FROM {}.events",
+            env.database
+        ))
+        .await
+        .iter()
+        .map(|r| {
+            let duration = match &r["duration"] {
+                serde_json::Value::String(ms) => ms.parse().expect("UInt64"),
+                ms => ms.as_u64().expect("UInt64"),
+            };
+            (r["id"].as_str().expect("id").to_owned(), duration)
+        })
+        .collect();
+    assert_eq!(durations.len(), model.len(), "every row once");
+    let wrong: Vec<_> = model
+        .iter()
+        .filter(|(id, d)| durations.get(*id) != Some(d))
+        .take(5)
+        .collect();
+    assert!(wrong.is_empty(), "durations differ: {wrong:?}");
+}
+
+/// A Redis Cluster of this test's own (`scripts/cluster.sh` on other ports), stopped on drop.
+struct OwnCluster {
+    env: Vec<(&'static str, String)>,
+    nodes: Vec<String>,
+}
+
+impl OwnCluster {
+    fn start() -> OwnCluster {
+        // 50 above the shared cluster's base: clusters take BASE+1..BASE+16.
+        let shared: u16 = std::env::var("SPILLWAY_CLUSTER_PORT_BASE")
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(17_000);
+        let dir = std::env::temp_dir().join(format!(
+            "spillway-own-cluster-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let env = vec![
+            ("SPILLWAY_CLUSTER_PORT_BASE", (shared + 50).to_string()),
+            ("SPILLWAY_CLUSTER_DIR", dir.display().to_string()),
+        ];
+        let out =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+                .arg("start")
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .output()
+                .expect("cluster.sh runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "cluster.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nodes = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("export SPILLWAY_TEST_REDIS_CLUSTER="))
+            .expect("the cluster's nodes")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        OwnCluster { env, nodes }
+    }
+
+    /// Restarts nodes that died; each rejoins as a replica of the node that took over.
+    fn restart_dead_nodes(&self) {
+        let out =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+                .arg("start")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .output()
+                .expect("cluster.sh runs");
+        assert!(
+            out.status.success(),
+            "cluster.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The port of a master: the first seed node (a fresh cluster lists its masters).
+    fn a_master_port(&self) -> u16 {
+        self.nodes[0]
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"))
+                .arg("stop")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .output();
+    }
+}
+
+/// Redis Cluster replicates asynchronously: a master that dies may take writes it acknowledged
+/// with it. With `--redis-wait-replicas 1`, spillway acknowledges only writes a replica has (or
+/// that it journaled on disk), so killing a master mid-stream loses no acknowledged event. Its
+/// replica takes over; until the dead node is back as that one's replica, writes there cannot
+/// reach a replica and are journaled, then replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_killed_mid_stream_loses_no_event_acknowledged_with_replica_wait() {
+    let cluster = OwnCluster::start();
+    let env = TestEnv::new().await;
+    env.create_table(spillway::SchemaVariant::Legacy, "events")
+        .await;
+    let dir = DataDir::new();
+    let args = ["--redis-shards", "6", "--redis-wait-replicas", "1"];
+    let mut server = Server::start_on_cluster(&env, &cluster.nodes, &dir.0, "serve", &args);
+    let stream = EventStream::start(&server, 4, 50);
+    stream.wait_for(5_000).await;
+
+    let master = cluster.a_master_port();
+    let pid = std::fs::read_to_string(
+        std::path::Path::new(&cluster.env[1].1)
+            .join(master.to_string())
+            .join("redis.pid"),
+    )
+    .expect("the master's pidfile");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let before = stream.acknowledged.lock().expect("ids").len();
+    // Acknowledged through the failover (written, retried or journaled) and after it.
+    stream.wait_for(before + 5_000).await;
+    cluster.restart_dead_nodes();
+    stream.wait_for(before + 10_000).await;
+    assert!(server.terminate().success(), "{}", server.logs());
+    let acknowledged = stream.finish().await;
+
+    // Whatever the journal holds is replayed by the next process; it flushes everything.
+    let server = Server::start_on_cluster(&env, &cluster.nodes, &dir.0, "serve", &args);
+    let count_sql = format!("SELECT count() FROM {}.events", env.database);
+    for _ in 0..600 {
+        let landed: usize = env.sql(&count_sql).await.trim().parse().expect("count");
+        if landed >= acknowledged.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    wait_until_flushed(&server).await;
+    let landed = env
+        .sql(&format!("SELECT toString(id) FROM {}.events", env.database))
+        .await;
+    assert_landed_once(&acknowledged, landed.lines());
 }

@@ -52,6 +52,33 @@ impl Server {
         Server::spawn(command)
     }
 
+    /// Starts `spillway <command>` (`serve` or `flush`) on the Redis Cluster `nodes`, against
+    /// this test's prefix and database, with its own data directory `dir`.
+    pub(crate) fn start_on_cluster(
+        env: &TestEnv,
+        nodes: &[String],
+        dir: &std::path::Path,
+        command: &str,
+        args: &[&str],
+    ) -> Server {
+        let mut process = Command::new(env!("CARGO_BIN_EXE_spillway"));
+        process
+            .arg(command)
+            .args(args)
+            .env_remove("REDIS_URL")
+            .env("REDIS_CLUSTER_NODES", nodes.join(","))
+            .env("SPILLWAY_KEY_PREFIX", &env.prefix)
+            .env("CLICKHOUSE_URL", &env.clickhouse_url)
+            .env("CLICKHOUSE_DATABASE", &env.database)
+            .env("SPILLWAY_DATA_DIR", dir);
+        if command == "serve" {
+            process.args(["--listen", "127.0.0.1:0", "--flush-interval-ms", "100"]);
+            Server::spawn(process)
+        } else {
+            Server::spawn_quiet(process)
+        }
+    }
+
     /// Starts `spillway serve` on its embedded default in `dir`, with no servers at all.
     pub(crate) fn start_embedded(dir: &std::path::Path, args: &[&str]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
@@ -72,18 +99,41 @@ impl Server {
     }
 
     /// Spawns the command, waits for its "listening" line, and collects its logs.
-    fn spawn(mut command: Command) -> Server {
+    fn spawn(command: Command) -> Server {
+        let (mut server, stdout) = Server::spawn_logging(command);
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("first line");
+        server.base = line
+            .trim()
+            .strip_prefix("spillway listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        server
+    }
+
+    /// Spawns a command that serves no HTTP (a `spillway flush` worker).
+    fn spawn_quiet(command: Command) -> Server {
+        let (server, stdout) = Server::spawn_logging(command);
+        let sink = server.logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("logs").push_str(&format!("{line}\n"));
+            }
+        });
+        server
+    }
+
+    /// Spawns the command and collects its logs; returns its stdout.
+    fn spawn_logging(mut command: Command) -> (Server, std::process::ChildStdout) {
         let mut child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spillway serve starts");
+            .expect("spillway starts");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("first line");
         // Drain the logs so a chatty server never blocks on a full pipe.
         let logs = Arc::new(std::sync::Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
@@ -98,26 +148,22 @@ impl Server {
                 logs.push('\n');
             }
         });
-        let base = line
-            .trim()
-            .strip_prefix("spillway listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Server {
+        let server = Server {
             child,
-            base,
+            base: String::new(),
             logs,
             http: reqwest::Client::new(),
-        }
+        };
+        (server, stdout)
     }
 
     /// What the server logged so far.
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         self.logs.lock().expect("logs").clone()
     }
 
     /// Kills the process with SIGKILL: no shutdown sequence at all.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("killed");
     }
@@ -150,7 +196,7 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         let killed = Command::new("kill")
             .args(["-TERM", &pid])
@@ -923,13 +969,13 @@ async fn sigkill_mid_stream_then_restart_lands_every_acknowledged_event_once() {
 
 /// Clients sending batches of clicks with fresh ids until the server stops answering; they
 /// record the id of every event acknowledged with `202`.
-struct EventStream {
-    acknowledged: Arc<std::sync::Mutex<Vec<String>>>,
+pub(crate) struct EventStream {
+    pub(crate) acknowledged: Arc<std::sync::Mutex<Vec<String>>>,
     senders: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl EventStream {
-    fn start(server: &Server, clients: usize, per_request: u64) -> EventStream {
+    pub(crate) fn start(server: &Server, clients: usize, per_request: u64) -> EventStream {
         let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
         let senders = (0..clients)
             .map(|client| {
@@ -968,14 +1014,14 @@ impl EventStream {
     }
 
     /// Waits until at least `count` events are acknowledged.
-    async fn wait_for(&self, count: usize) {
+    pub(crate) async fn wait_for(&self, count: usize) {
         while self.acknowledged.lock().expect("ids").len() < count {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// Waits for the clients to stop; returns the acknowledged ids.
-    async fn finish(self) -> Vec<String> {
+    pub(crate) async fn finish(self) -> Vec<String> {
         for sender in self.senders {
             sender.await.expect("sender");
         }
@@ -986,7 +1032,10 @@ impl EventStream {
 
 /// Every acknowledged id landed exactly once, and nothing landed twice. (An event written but
 /// whose `202` was lost with the connection may land too: the client would retry it.)
-fn assert_landed_once<'a>(acknowledged: &[String], landed: impl Iterator<Item = &'a str>) {
+pub(crate) fn assert_landed_once<'a>(
+    acknowledged: &[String],
+    landed: impl Iterator<Item = &'a str>,
+) {
     let mut times: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for id in landed {
         *times.entry(id.trim()).or_default() += 1;
