@@ -5,10 +5,14 @@
 -- KEYS[4] dead-letter list
 -- ARGV[1] lock token        ARGV[2..] dead-letter records (JSON)
 --
--- Returns the number of dead-letter records written, or a LOCKLOST error.
+-- Returns the number of dead-letter records written (0 for a repeat), or a LOCKLOST error.
 
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('LOCKLOST flush lock is not held by this flusher')
+end
+-- No batch in flight: this is a repeat of a commit that ran (a reply lost in a failover).
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return 0
 end
 redis.call('DEL', KEYS[2], KEYS[3])
 for i = 2, #ARGV, 1000 do

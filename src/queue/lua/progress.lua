@@ -11,9 +11,14 @@
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('LOCKLOST flush lock is not held by this flusher')
 end
-redis.call('HSET', KEYS[2], 'chunks_done', ARGV[2])
-for i = 4, #ARGV, 1000 do
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+-- A repeat of a call that already ran (the client re-sends a command whose reply a failover
+-- lost) must not dead-letter the same rows twice.
+local done = tonumber(redis.call('HGET', KEYS[2], 'chunks_done') or '-1')
+if done < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[2], 'chunks_done', ARGV[2])
+  for i = 4, #ARGV, 1000 do
+    redis.call('RPUSH', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
