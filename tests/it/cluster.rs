@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use futures_util::StreamExt;
 use spillway::workload::{Workload, WorkloadSettings};
 use spillway::FlushSettings;
 
@@ -362,4 +363,26 @@ async fn a_master_killed_mid_stream_loses_no_event_acknowledged_with_replica_wai
         .sql(&format!("SELECT toString(id) FROM {}.events", env.database))
         .await;
     assert_landed_once(&acknowledged, landed.lines());
+}
+
+#[tokio::test]
+async fn batch_notifications_reach_subscribers_with_each_shards_counts() {
+    let b = Backend::cluster(4).await;
+    let events: Vec<String> = (0..8).map(|i| click(&format!("c{i}"), "p1", i)).collect();
+    b.add_all(&b.buffer(), &refs(&events)).await;
+    let flusher = b.flusher(flush_settings(4000, 1000)).await;
+    let mut feed = b.queue().subscribe().await.expect("subscribe");
+    flusher.drain().await.expect("drain");
+    // One notification per project and shard batch; together they count every event.
+    let mut counted = 0;
+    while counted < events.len() {
+        let payload = tokio::time::timeout(std::time::Duration::from_secs(10), feed.next())
+            .await
+            .expect("a notification")
+            .expect("feed open");
+        let payload: serde_json::Value = serde_json::from_str(&payload).expect("json");
+        assert_eq!(payload["projectId"], "p1");
+        counted += usize::try_from(payload["count"].as_u64().expect("count")).expect("count");
+    }
+    assert_eq!(counted, events.len());
 }
