@@ -24,7 +24,8 @@
 # views = the events, and nothing queued, in flight or dead-lettered; then the database is
 # dropped and Redis flushed. CPU per phase comes from /proc (every Redis node, ClickHouse,
 # the whole machine) and /usr/bin/time (spillway), Redis calls from INFO commandstats.
-# Raw outputs go to $CARGO_TARGET_DIR/bench-cluster/ (runs.tsv, one line per phase; logs/).
+# Raw outputs go to $CARGO_TARGET_DIR/bench-cluster/ (runs.tsv, one line per phase; checks.tsv;
+# logs/); the workload files are deleted on exit.
 # SPILLWAY_CBENCH_WRITE=0 leaves BENCHMARKS.md alone.
 #
 # Ports and state (own variables, so a dev shell's SPILLWAY_REDIS_PORT cannot point this script
@@ -49,6 +50,7 @@ CLUSTER_BASE=${SPILLWAY_CBENCH_CLUSTER_PORT_BASE:-37000}
 STATE=${SPILLWAY_CBENCH_DIR:-${TMPDIR:-/tmp}/spillway-cbench}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 OUT=$CARGO_TARGET_DIR/bench-cluster
+WORK=$OUT/work   # the workload and its parts (≈ 450 MB at 200k events), deleted on exit
 BIN=$CARGO_TARGET_DIR/release/spillway
 
 # Nothing from the caller's shell may configure spillway or move the servers: every setting
@@ -90,6 +92,7 @@ cleanup() {
   log "stopping the benchmark's servers"
   scripts/cluster.sh stop || true   # first: its state dir is under SPILLWAY_SERVERS_DIR
   scripts/servers.sh stop || true
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -128,7 +131,6 @@ shard_masters() {
 }
 
 # --- workload -------------------------------------------------------------------------------
-WORK=$OUT/work
 mkdir -p "$WORK"
 "$BIN" generate --events "$EVENTS" --seed "$SEED" > "$WORK/events.ndjson"
 cp "$WORK/events.ndjson" "$WORK/part1.0"
