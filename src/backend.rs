@@ -62,10 +62,12 @@ pub async fn open_queue(config: &Config) -> Result<Queue, BackendError> {
                 Some(shards) => queue.sharded(shards),
                 None => queue,
             };
-            Queue::Redis(queue.waiting_for_replicas(
+            let queue = queue.waiting_for_replicas(
                 redis.wait_replicas,
                 Duration::from_millis(redis.wait_timeout_ms),
-            ))
+            );
+            queue.check_layout().await?;
+            Queue::Redis(queue)
         }
         None => Queue::Embedded(SqliteQueue::open(
             &config.data_dir,

@@ -56,6 +56,33 @@ pub enum QueueError {
         /// Replicas that had the write when the wait ended.
         got: u32,
     },
+    /// The queue was set up with another shard count than this process's.
+    #[error(
+        "the queue has {recorded} shards ({key}), this process is configured for {configured}: \
+         every process of a queue needs the same redis.shards (to change it, stop ingest, drain, \
+         then delete {key})"
+    )]
+    ShardCount {
+        /// Where the count is recorded.
+        key: String,
+        /// The count recorded there.
+        recorded: usize,
+        /// This process's count.
+        configured: usize,
+    },
+    /// A master has fewer replicas than `redis.wait_replicas` asks each write to reach.
+    #[error(
+        "redis.wait_replicas is {wanted}, but the master of {key} has {found} replicas: \
+         attach replicas or lower the setting"
+    )]
+    TooFewReplicas {
+        /// A key on that master.
+        key: String,
+        /// Replicas waited for.
+        wanted: u32,
+        /// Replicas found.
+        found: u32,
+    },
     /// A stored value is not in the expected format.
     #[error("corrupt value: {0}")]
     Corrupt(String),
@@ -113,6 +140,8 @@ impl QueueError {
                 )
             ),
             QueueError::LockLost
+            | QueueError::ShardCount { .. }
+            | QueueError::TooFewReplicas { .. }
             | QueueError::Corrupt(_)
             | QueueError::InUse { .. }
             | QueueError::DataDir { .. } => false,

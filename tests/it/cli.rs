@@ -159,3 +159,31 @@ async fn dead_letter_list_replay_and_purge() {
     assert_eq!(text(&out.stdout).trim(), "deleted 1 dead-letter records");
     assert_eq!(env.queue.stats().await.expect("stats").dead_letter, 0);
 }
+
+#[tokio::test]
+async fn every_process_of_a_queue_must_have_its_shard_count_and_replicas() {
+    let env = TestEnv::new().await;
+    env.create_table(SchemaVariant::Legacy, "events").await;
+    // The first process records the count; one with another count refuses to start.
+    let out = spillway(&env, &["drain", "--redis-shards", "4"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = spillway(&env, &["drain", "--redis-shards", "3"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("the queue has 4 shards") && stderr.contains("configured for 3"),
+        "{stderr}"
+    );
+    // The test Redis has no replica: waiting for one can never succeed.
+    let out = spillway(
+        &env,
+        &["drain", "--redis-shards", "4", "--redis-wait-replicas", "1"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("redis.wait_replicas is 1, but the master of")
+            && stderr.contains("has 0 replicas"),
+        "{stderr}"
+    );
+}

@@ -108,13 +108,18 @@ impl Keys {
         }
     }
 
-    /// Shard `n` of a sharded layout.
-    fn shard(prefix: &str, n: usize, cluster: bool) -> Keys {
+    /// Shard `n` of `count` in a sharded layout.
+    fn shard(prefix: &str, n: usize, count: usize, cluster: bool) -> Keys {
         Keys {
-            prefix: format!("{prefix}{{s{n}}}:"),
+            prefix: format!("{prefix}{{{}}}:", shard_tag(n, count)),
             base: prefix.to_owned(),
             tag_projects: cluster,
         }
+    }
+
+    /// Where the queue records its shard count.
+    fn shard_count(&self) -> String {
+        format!("{}event_buffer:shards", self.base)
     }
 
     fn key(&self, name: &str) -> String {
@@ -236,6 +241,7 @@ impl RedisQueue {
             shards: vec![RedisShard {
                 conn: conn.clone(),
                 keys: Keys::new(prefix),
+                replica_wait: None,
             }],
             conn,
             sharded: false,
@@ -310,30 +316,80 @@ impl RedisQueue {
 
     fn with_shards(mut self, shards: usize, cluster: bool) -> Self {
         let prefix = self.prefix.as_str();
-        self.sharded = cluster || shards > 1;
+        let count = shards.max(1);
+        self.sharded = cluster || count > 1;
         self.shards = if self.sharded {
-            (0..shards.max(1))
+            (0..count)
                 .map(|n| RedisShard {
                     conn: self.conn.clone(),
-                    keys: Keys::shard(prefix, n, cluster),
+                    keys: Keys::shard(prefix, n, count, cluster),
+                    replica_wait: self.replica_wait,
                 })
                 .collect()
         } else {
             vec![RedisShard {
                 conn: self.conn.clone(),
                 keys: Keys::new(prefix),
+                replica_wait: self.replica_wait,
             }]
         };
         self
     }
 
-    /// Every write waits until `replicas` replicas of its master have it (`WAIT`), at most
-    /// `timeout`, before it counts as done; fewer is a failed write, retried. With a master's
-    /// replica in the count, a failover cannot lose an acknowledged event.
+    /// Every write, and every step of a flush, waits until `replicas` replicas of its master
+    /// have it (`WAIT`), at most `timeout`, before it counts as done; fewer is a failed write,
+    /// retried (or journaled). With a replica in the count, a failover loses no acknowledged
+    /// event and rolls back no flush step.
     #[must_use]
     pub fn waiting_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replica_wait = (replicas > 0).then_some((replicas, timeout));
+        for shard in &mut self.shards {
+            shard.replica_wait = self.replica_wait;
+        }
         self
+    }
+
+    /// Checks, before the first write, that this process sees the queue as every other one does:
+    /// the shard count is recorded under the prefix on first use (a process with another count
+    /// would route sessions elsewhere and leave shards unflushed), and with a replica wait set,
+    /// every shard's master has the replicas waited for.
+    ///
+    /// # Errors
+    /// [`QueueError::ShardCount`] or [`QueueError::TooFewReplicas`], with what was found.
+    pub async fn check_layout(&self) -> Result<(), QueueError> {
+        let key = self.shards[0].keys.shard_count();
+        let configured = self.shards.len();
+        let mut conn = self.conn.clone();
+        // SET NX, then GET (rather than SET NX GET, which needs Redis 7).
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg(configured)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let recorded: Option<String> = conn.get(&key).await?;
+        let recorded = recorded.map(|text| text.parse::<usize>().unwrap_or(0));
+        if let Some(recorded) = recorded.filter(|&n| n != configured) {
+            return Err(QueueError::ShardCount {
+                key,
+                recorded,
+                configured,
+            });
+        }
+        let Some((wanted, timeout)) = self.replica_wait else {
+            return Ok(());
+        };
+        // Before this connection wrote anything, WAIT counts the connected replicas at once.
+        let counts = self.shards.iter().map(|shard| async move {
+            let key = shard.keys.queue();
+            let mut conn = self.conn.clone();
+            let found = conn.wait_for_replicas(&key, wanted, timeout).await?;
+            match found >= wanted {
+                true => Ok(()),
+                false => Err(QueueError::TooFewReplicas { key, wanted, found }),
+            }
+        });
+        try_join_all(counts).await.map(drop)
     }
 
     /// The shards, for flushers to lease one at a time.
@@ -674,6 +730,39 @@ async fn within_connect_timeout<T>(
         .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))?
 }
 
+/// The hash tag of shard `n` of `count`: `s<n>`, or `s<n>.<k>` with the smallest `k` that puts
+/// it in the `n`-th of `count` equal ranges of the 16384 cluster slots. A cluster splits its
+/// slots into contiguous ranges, one per master, so shards spread evenly over the masters
+/// (plain `{s0}` and `{s1}` share a master on the usual 3-master split).
+fn shard_tag(n: usize, count: usize) -> String {
+    const SLOTS: usize = 16_384;
+    let range = n * SLOTS / count..(n + 1) * SLOTS / count;
+    let in_range = |tag: &str| range.contains(&usize::from(slot(tag.as_bytes())));
+    let plain = format!("s{n}");
+    if in_range(&plain) {
+        return plain;
+    }
+    // A range holds 16384/count slots: a few times `count` tries find one.
+    (1..)
+        .map(|k| format!("s{n}.{k}"))
+        .find(|tag| in_range(tag))
+        .unwrap_or(plain)
+}
+
+/// The cluster slot of a hash tag: CRC16 (XMODEM) mod 16384, as Redis computes it.
+fn slot(tag: &[u8]) -> u16 {
+    let crc = tag.iter().fold(0u16, |crc, &byte| {
+        (0..8).fold(crc ^ (u16::from(byte) << 8), |crc, _| {
+            if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            }
+        })
+    });
+    crc % 16_384
+}
+
 /// FNV-1a: a shard choice that is the same in every process and every release.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
@@ -690,5 +779,34 @@ pub(crate) fn redact_url(url: &str) -> String {
             format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{shard_tag, slot};
+
+    #[test]
+    fn slots_are_the_ones_redis_computes() {
+        // CRC16 check value, and slots read from a real cluster (`CLUSTER KEYSLOT`).
+        assert_eq!(slot(b"123456789"), 0x31C3 % 16_384);
+        assert_eq!(
+            ["s0", "s1", "s2", "s3"].map(|t| slot(t.as_bytes())),
+            [11097, 15224, 2843, 6970]
+        );
+    }
+
+    #[test]
+    fn shard_tags_spread_over_equal_slot_ranges() {
+        for count in [1, 2, 3, 5, 16] {
+            for n in 0..count {
+                let tag = shard_tag(n, count);
+                let slot = usize::from(slot(tag.as_bytes()));
+                assert!(
+                    (n * 16_384 / count..(n + 1) * 16_384 / count).contains(&slot),
+                    "{tag} of {count}: slot {slot}"
+                );
+            }
+        }
     }
 }

@@ -17,6 +17,9 @@ use crate::time::Timestamp;
 pub(crate) struct RedisShard {
     pub(super) conn: Conn,
     pub(super) keys: Keys,
+    /// Replicas each flush step waits for (`WAIT`), and how long: a claim, progress or commit a
+    /// failover rolled back would re-insert chunks under new tokens.
+    pub(super) replica_wait: Option<(u32, Duration)>,
 }
 
 impl RedisShard {
@@ -170,6 +173,9 @@ impl RedisShard {
                 Err(err) => not_utf8.push(String::from_utf8_lossy(err.as_bytes()).into_owned()),
             }
         }
+        if !entries.is_empty() || !not_utf8.is_empty() {
+            self.replicated().await?;
+        }
         Ok(Claim {
             resumed: batch_id != new_id && !batch_id.is_empty(),
             batch_id,
@@ -201,7 +207,7 @@ impl RedisShard {
         call.invoke_async::<i64>(&mut conn)
             .await
             .map_err(lock_lost)?;
-        Ok(())
+        self.replicated().await
     }
 
     /// Retires the in-flight batch and appends the dead-letter records, in one step.
@@ -220,7 +226,21 @@ impl RedisShard {
         call.invoke_async::<i64>(&mut conn)
             .await
             .map_err(lock_lost)?;
-        Ok(())
+        self.replicated().await
+    }
+
+    /// With a replica wait set: waits until the replicas have this shard's writes so far.
+    async fn replicated(&self) -> Result<(), QueueError> {
+        let Some((wanted, timeout)) = self.replica_wait else {
+            return Ok(());
+        };
+        let key = self.keys.queue();
+        let mut conn = self.conn.clone();
+        let got = conn.wait_for_replicas(&key, wanted, timeout).await?;
+        match got >= wanted {
+            true => Ok(()),
+            false => Err(QueueError::NotReplicated { key, wanted, got }),
+        }
     }
 
     /// The dead-letter records, oldest first.
