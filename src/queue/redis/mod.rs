@@ -789,7 +789,7 @@ mod tests {
     #[test]
     fn slots_are_the_ones_redis_computes() {
         // CRC16 check value, and slots read from a real cluster (`CLUSTER KEYSLOT`).
-        assert_eq!(slot(b"123456789"), 0x31C3 % 16_384);
+        assert_eq!(slot(b"123456789"), 0x31C3);
         assert_eq!(
             ["s0", "s1", "s2", "s3"].map(|t| slot(t.as_bytes())),
             [11097, 15224, 2843, 6970]
