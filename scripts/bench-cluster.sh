@@ -116,16 +116,30 @@ for port in "${NODE_PORTS[@]}"; do REDIS_PIDS+=("$(pidfile_pid "$STATE/cluster/$
 CH_PID=$(pidfile_pid "$STATE/clickhouse/server.pid")
 MASTERS=$(cluster_masters)
 
-# Which master holds each of the first three shards' hash tags ({s0}, {s1}, {s2}).
+# The hash tag spillway gives shard n of count: s<n>, or s<n>.<k> with the smallest k whose
+# slot lies in the n-th of count equal slot ranges (src/queue/redis/mod.rs, shard_tag).
+shard_tag() {
+  local n=$1 count=$2 k=0 tag slot lo hi
+  lo=$((n * 16384 / count)); hi=$(((n + 1) * 16384 / count))
+  while :; do
+    if [ "$k" = 0 ]; then tag="s$n"; else tag="s$n.$k"; fi
+    slot=$(rcli "${NODE_PORTS[0]}" cluster keyslot "$tag")
+    if [ "$slot" -ge "$lo" ] && [ "$slot" -lt "$hi" ]; then echo "$tag"; return; fi
+    k=$((k + 1))
+  done
+}
+
+# Which master holds each shard's hash tag, with 3 shards.
 shard_masters() {
-  local n slot nodes
+  local n slot nodes tag
   nodes=$(rcli "${NODE_PORTS[0]}" cluster nodes)
   for n in 0 1 2; do
-    slot=$(rcli "${NODE_PORTS[0]}" cluster keyslot "s$n")
-    awk -v s="$slot" -v n="$n" '$3 ~ /master/ {
+    tag=$(shard_tag "$n" 3)
+    slot=$(rcli "${NODE_PORTS[0]}" cluster keyslot "$tag")
+    awk -v s="$slot" -v t="$tag" '$3 ~ /master/ {
         split($2, a, "[:@]")
         for (i = 9; i <= NF; i++) { m = split($i, r, "-"); hi = m > 1 ? r[2] : r[1]
-          if (r[1] + 0 <= s && s <= hi + 0) printf "{s%d} slot %d on :%s\n", n, s, a[2] }
+          if (r[1] + 0 <= s && s <= hi + 0) printf "{%s} slot %d on :%s\n", t, s, a[2] }
       }' <<<"$nodes"
   done
 }
@@ -213,7 +227,7 @@ run_phase() {
 shard_prefixes() {
   local round=$1 config=$2 n=$3 i
   if [ "$config" = single ]; then echo "cb$round$config:"; return; fi
-  for ((i = 0; i < n; i++)); do echo "cb$round$config:{s$i}:"; done
+  for ((i = 0; i < n; i++)); do echo "cb$round$config:{$(shard_tag "$i" "$n")}:"; done
 }
 
 procs() { case $1 in single | c1) echo 1 ;; c2) echo 2 ;; *) echo 3 ;; esac; }
