@@ -23,14 +23,16 @@
 //! (`lua/*.lua`), so each step is atomic; the scripts are called by SHA and reloaded on
 //! `NOSCRIPT` (after a restart, a failover or `SCRIPT FLUSH`) before the call is retried.
 //!
-//! **Sharded layout** (`shards > 1`, and always on a cluster). Shard *n*'s keys are the ones above
-//! (all but `live:*` and the channel) behind `<prefix>{s<n>}:`, so each shard lives in one
-//! cluster slot and every script touches one slot. An event goes to the shard of its session
-//! (else of its id, else of its profile): a session's screen views, their durations and its
-//! `session_end` stay together, in order. Each shard has its own flush lock, which is a
-//! flusher's lease on it. Visitors are keyed by project, `live:visitors:{<project>}` and
-//! `live:visitor:{<project>}:<profile>` on a cluster, and refreshed by `heartbeat.lua`. The
-//! profile's last screen view is read from every shard, newest wins.
+//! **Sharded layout** (`shards > 1`, and always on a cluster). Shard *n*'s keys are the ones
+//! above (all but `live:*` and the channel) behind `<prefix>{s<n>[.<k>]}:` (see `shard_tag`),
+//! so each shard lives in one cluster slot and every script touches one slot. An event goes to
+//! the shard of its session (else of its id, else of its profile): a session's screen views,
+//! their durations and its `session_end` stay together, in order. Each shard has its own flush
+//! lock, which is a flusher's lease on it. Visitors are keyed by project,
+//! `live:visitors:{<project>}` and `live:visitor:{<project>}:<profile>` on a cluster, and
+//! refreshed by `heartbeat.lua`. The profile's last screen view is read from every shard, newest
+//! wins. `<prefix>event_buffer:shards` records the shard count (see
+//! [`RedisQueue::check_layout`]).
 
 mod conn;
 mod shard;
@@ -90,7 +92,7 @@ static SIZE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lu
 /// The Redis key names of one shard (or of the whole queue, in OpenPanel's layout).
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
-    /// In front of every shard key: `<prefix>`, or `<prefix>{s<n>}:` when sharded.
+    /// In front of every shard key: `<prefix>`, or `<prefix>{<shard tag>}:` when sharded.
     prefix: String,
     /// In front of the keys shared by all shards (visitors, the channel).
     base: String,
