@@ -1,7 +1,7 @@
 //! `spillway serve`: the HTTP service around the buffer.
 //!
 //! One process runs the router (ingest, query, live feed, operations), the batcher, and unless
-//! disabled a flusher loop. [`run`] takes the listener and the shutdown future, so tests bind
+//! disabled a flusher loop. [`Service::run`] takes the listener and the shutdown future, so tests bind
 //! port 0. Shutdown is a sequence: stop accepting and let requests finish (live feeds end), drop
 //! the last buffer handle so the batcher writes what it holds, let the flush in progress finish,
 //! all within the configured timeout.
