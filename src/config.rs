@@ -283,8 +283,8 @@ pub struct BatchConfig {
     /// `EVENT_BUFFER_MICRO_BATCH_MS`.
     pub micro_batch_ms: u64,
     /// An event whose `id` was taken in less than this many seconds ago is dropped as a
-    /// client's re-send of a request whose answer it lost; 0 turns the check off. Costs one
-    /// short Redis key per event for the window (≈ 130 bytes).
+    /// client's re-send of a request whose answer it lost; 0 turns the check off. Costs
+    /// ≈ 80 bytes of Redis per event for one to two windows, and ≈ 3 µs of Redis CPU per event.
     pub dedup_window_secs: u64,
 }
 

@@ -15,7 +15,7 @@
 //! heartbeats      (project, profile) PK, expires_ms  live:visitor:<project>:<profile> key
 //! flush_lock      token, expires_ms                  at most one row
 //! applied         id PK, at_ms                       micro-batch ids written within the hour
-//! seen            id PK, expires_ms                  event_buffer:seen:<id>: ids in the re-send window
+//! seen            id PK, expires_ms                  event_buffer:seen:<window>: ids in the re-send window
 //! ```
 //!
 //! Each step (`write`, `claim`, `progress`, `commit`, ...) is one transaction, so the invariants

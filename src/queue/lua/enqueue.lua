@@ -4,13 +4,17 @@
 -- KEYS[2]   queue counter              event_buffer:total_count
 -- KEYS[3]   micro-batch marker         event_buffer:applied:<batch id>
 -- KEYS[4]   held-view index            event_buffer:held_index (zset: session key -> held at ms)
--- KEYS[5..] the keys of each op, in op order (see below)
+-- KEYS[5]   re-send marks, this window  event_buffer:seen:<window number> (set of event ids)
+-- KEYS[6]   re-send marks, last window  event_buffer:seen:<window number - 1>
+-- KEYS[7..] the keys of each op, in op order (see below)
 -- ARGV[1]   held screen view TTL, seconds
 -- ARGV[2]   live-visitor window, seconds
 -- ARGV[3]   heartbeat refresh period, seconds
 -- ARGV[4]   now, epoch milliseconds
--- ARGV[5]   re-send window, seconds: how long an event id is remembered
--- ARGV[6..] ops, two arguments each: kind, payload
+-- ARGV[5]   re-send window, seconds
+-- ARGV[6]   M, the number of ids that follow
+-- ARGV[7..6+M]  the ids of the ops marked '+', in op order
+-- ARGV[7+M..]   ops, two arguments each: kind, payload
 --
 --   kind  payload      keys                      effect
 --   e     event JSON   -                         queue the event
@@ -20,10 +24,12 @@
 --                                                forget the profile's view
 --   h     profile id   visitors zset, heartbeat  refresh the visitor's heartbeat
 --
--- A kind followed by '+' (e+, v+, ...) is an event with an id: the op's first key is then the
--- id's marker (event_buffer:seen:<id>). An id seen within the window is a client's re-send of
--- an event already taken in: the op is skipped whole (a re-sent screen view must not release
--- its own earlier copy).
+-- A kind followed by '+' (e+, v+, ...) is an event with an id (the next of ARGV[7..6+M]). An id
+-- in either window's set, or earlier in this micro-batch, is a client's re-send of an event
+-- already taken in: the op is skipped whole (a re-sent screen view must not release its own
+-- earlier copy). New ids join this window's set, which expires two windows on: an id is
+-- remembered for at least one window. Sets per window rather than a key per id: one
+-- SMISMEMBER and one SADD per micro-batch, and no expiry entry per id.
 --
 -- A held value is {"ts":<created_at ms>,"at":<1-based offset of the event's top-level
 -- "duration" value, 0 if none>,"event":<event JSON>}: the seed's {"event","ts"} object with its
@@ -44,24 +50,44 @@ local held_ttl = ARGV[1]
 local window_ms = tonumber(ARGV[2]) * 1000
 local refresh_ms = tonumber(ARGV[3]) * 1000
 local now = ARGV[4]
-local seen_window = ARGV[5]
--- Keys of each op, besides an id's marker.
+local seen_window = tonumber(ARGV[5])
+local id_count = tonumber(ARGV[6])
+-- Keys of each op.
 local op_keys = { e = 0, v = 1, V = 2, x = 1, X = 2 }
 
+-- The ids taken in before this micro-batch, by their ARGV index.
+local known = {}
+for i = 7, 6 + id_count, 1000 do
+  local last = math.min(i + 999, 6 + id_count)
+  local this_window = redis.call('SMISMEMBER', KEYS[5], unpack(ARGV, i, last))
+  local last_window = redis.call('SMISMEMBER', KEYS[6], unpack(ARGV, i, last))
+  for j = 1, last - i + 1 do
+    if this_window[j] == 1 or last_window[j] == 1 then
+      known[i + j - 1] = true
+    end
+  end
+end
+
 local out = {}
+local new_ids = {}
+local in_batch = {}
 local resent = 0
-local k = 5
-for i = 6, #ARGV, 2 do
+local next_id = 7
+local k = 7
+for i = 7 + id_count, #ARGV, 2 do
   local kind, payload = ARGV[i], ARGV[i + 1]
   if string.byte(kind, 2) == 43 then -- '+'
     kind = string.sub(kind, 1, 1)
-    local first_time = redis.call('SET', KEYS[k], '1', 'NX', 'EX', seen_window)
-    k = k + 1
-    if not first_time then
+    local id = ARGV[next_id]
+    if known[next_id] or in_batch[id] then
       resent = resent + 1
       k = k + (op_keys[kind] or 0)
       kind = 'skip'
+    else
+      in_batch[id] = true
+      new_ids[#new_ids + 1] = id
     end
+    next_id = next_id + 1
   end
   if kind == 'skip' then
     -- a re-sent event: nothing to do
@@ -103,5 +129,11 @@ for i = 6, #ARGV, 2 do
   end
 end
 
+for i = 1, #new_ids, 1000 do
+  redis.call('SADD', KEYS[5], unpack(new_ids, i, math.min(i + 999, #new_ids)))
+end
+if #new_ids > 0 then
+  redis.call('EXPIRE', KEYS[5], 2 * seen_window)
+end
 push_queued(KEYS[1], KEYS[2], out)
 return resent

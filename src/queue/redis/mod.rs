@@ -14,7 +14,7 @@
 //! <prefix>event_buffer:dead_letter                         list    {"reason","entry","at"} records
 //! <prefix>event_buffer:applied:<micro-batch id>            string  marker, EX 3600 (retry guard)
 //! <prefix>event_buffer:held_index                          zset    session view key -> held at ms
-//! <prefix>event_buffer:seen:<event id>                     string  "1", EX re-send window
+//! <prefix>event_buffer:seen:<window number>                set     event ids taken in, EX 2 windows
 //! <prefix>events:batch                                     channel {"projectId","count"} per flush
 //! ```
 //!
@@ -155,8 +155,8 @@ impl Keys {
     pub(crate) fn applied(&self, batch_id: &str) -> String {
         self.key(&format!("event_buffer:applied:{batch_id}"))
     }
-    pub(crate) fn seen(&self, event_id: &str) -> String {
-        self.key(&format!("event_buffer:seen:{event_id}"))
+    pub(crate) fn seen(&self, window: u64) -> String {
+        self.key(&format!("event_buffer:seen:{window}"))
     }
     pub(crate) fn session_view(&self, session: &str) -> String {
         self.key(&format!("event_buffer:last_screen_view:session:{session}"))
@@ -412,7 +412,8 @@ impl RedisQueue {
     pub(crate) async fn write(&self, batch: &MicroBatch<'_>) -> Result<usize, QueueError> {
         if !self.sharded {
             let shard = &self.shards[0];
-            let mut call = self.enqueue_call(shard, batch, batch.events.iter());
+            let events: Vec<&Event> = batch.events.iter().collect();
+            let mut call = self.enqueue_call(shard, batch, &events);
             for (project, profile) in batch.heartbeats {
                 call.key(shard.keys.visitors(project))
                     .key(shard.keys.heartbeat(project, profile))
@@ -437,7 +438,7 @@ impl RedisQueue {
         }
         let calls: Vec<ScriptInvocation<'_>> = by_shard
             .iter()
-            .map(|(&n, events)| self.enqueue_call(&self.shards[n], batch, events.iter().copied()))
+            .map(|(&n, events)| self.enqueue_call(&self.shards[n], batch, events))
             .collect();
         let touched: Vec<String> = by_shard
             .keys()
@@ -453,33 +454,42 @@ impl RedisQueue {
     }
 
     /// The `enqueue.lua` call that writes `events` of `batch` into `shard`.
-    fn enqueue_call<'e>(
+    fn enqueue_call(
         &self,
         shard: &RedisShard,
         batch: &MicroBatch<'_>,
-        events: impl Iterator<Item = &'e Event>,
+        events: &[&Event],
     ) -> ScriptInvocation<'static> {
         let keys = &shard.keys;
+        let window = self.held.dedup_window.as_secs();
+        // Ids are remembered per window of `window` seconds, in this and the last one's set.
+        let window_number = u64::try_from(batch.now.as_millis())
+            .unwrap_or(0)
+            .checked_div(window * 1000)
+            .unwrap_or(0);
+        let ids: Vec<&str> = match window {
+            0 => Vec::new(),
+            _ => events.iter().filter_map(|event| event.id()).collect(),
+        };
         let mut call = ENQUEUE.prepare_invoke();
         call.key(keys.queue())
             .key(keys.counter())
             .key(keys.applied(batch.id))
             .key(keys.held_index())
+            .key(keys.seen(window_number))
+            .key(keys.seen(window_number.saturating_sub(1)))
             .arg(self.held.ttl.as_secs())
             .arg(self.held.visitor_window.as_secs())
             .arg(self.held.heartbeat_refresh.as_secs())
             .arg(batch.now.as_millis())
-            .arg(self.held.dedup_window.as_secs());
-        let dedup = !self.held.dedup_window.is_zero();
+            .arg(window)
+            .arg(ids.len());
+        for id in &ids {
+            call.arg(*id);
+        }
         for event in events {
-            // An event with an id has its marker first, and '+' after its kind.
-            let seen = match event.id() {
-                Some(id) if dedup => {
-                    call.key(keys.seen(id));
-                    true
-                }
-                _ => false,
-            };
+            // An event with an id is marked with '+' after its kind.
+            let seen = window > 0 && event.id().is_some();
             let profile = event
                 .profile_id()
                 .map(|profile| keys.profile_view(event.project_id(), profile));
