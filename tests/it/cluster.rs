@@ -2,15 +2,13 @@
 //! shards, each script's keys in one slot, flushers leasing shards, and the reference's
 //! semantics unchanged.
 
-use std::collections::HashMap;
-
 use futures_util::StreamExt;
 use spillway::workload::{Workload, WorkloadSettings};
 use spillway::FlushSettings;
 
 use crate::conformance::golden::{
-    add_the_golden_trace_and_drain, assert_the_reference_rows_landed, expected_held,
-    reference_model,
+    add_the_golden_trace_and_drain, assert_landed_once_with_the_reference_durations,
+    assert_the_reference_rows_landed, expected_held, reference_model,
 };
 use crate::helpers::*;
 use crate::service::{assert_landed_once, wait_until_flushed, DataDir, EventStream, Server};
@@ -63,25 +61,7 @@ async fn two_flushers_share_the_shards_and_land_100k_events_once_with_the_refere
         "both flushers took batches: {first:?} {second:?}"
     );
 
-    let model = reference_model(&lines);
-    let rows = u64::try_from(model.len()).expect("rows");
-    assert_eq!(
-        b.landed_count_and_unique().await,
-        (rows, rows),
-        "every queued event exactly once"
-    );
-    let landed: HashMap<String, u64> = b
-        .landed_rows()
-        .await
-        .into_iter()
-        .map(|r| (r.id, r.duration))
-        .collect();
-    let wrong: Vec<_> = model
-        .iter()
-        .filter(|(id, d)| landed.get(*id) != Some(d))
-        .take(5)
-        .collect();
-    assert!(wrong.is_empty(), "durations differ: {wrong:?}");
+    assert_landed_once_with_the_reference_durations(&b, &lines).await;
     assert_eq!(b.queue().size().await.expect("size"), 0);
 }
 
@@ -209,28 +189,11 @@ async fn two_ingest_and_two_flush_processes_land_200k_events_once_with_the_refer
     for flusher in &mut flushers {
         assert!(flusher.terminate().success(), "{}", flusher.logs());
     }
-    let durations: HashMap<String, u64> = env
-        .rows(&format!(
-            "SELECT toString(id) AS id, duration FROM {}.events",
-            env.database
-        ))
-        .await
-        .iter()
-        .map(|r| {
-            let duration = match &r["duration"] {
-                serde_json::Value::String(ms) => ms.parse().expect("UInt64"),
-                ms => ms.as_u64().expect("UInt64"),
-            };
-            (r["id"].as_str().expect("id").to_owned(), duration)
-        })
-        .collect();
-    assert_eq!(durations.len(), model.len(), "every row once");
-    let wrong: Vec<_> = model
-        .iter()
-        .filter(|(id, d)| durations.get(*id) != Some(d))
-        .take(5)
-        .collect();
-    assert!(wrong.is_empty(), "durations differ: {wrong:?}");
+    let b = Backend::Redis {
+        env,
+        schema: spillway::SchemaVariant::Legacy,
+    };
+    assert_landed_once_with_the_reference_durations(&b, &lines).await;
 }
 
 /// A Redis Cluster of this test's own (`scripts/cluster.sh` on other ports), stopped on drop.

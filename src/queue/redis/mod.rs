@@ -421,7 +421,7 @@ impl RedisQueue {
                     .arg(profile.as_str());
             }
             let resent = self.invoke(call).await?;
-            self.wait_for_replicas([shard.keys.queue()]).await?;
+            shard.replicated().await?;
             return Ok(resent);
         }
         let mut by_shard: BTreeMap<usize, Vec<&Event>> = BTreeMap::new();
@@ -440,16 +440,12 @@ impl RedisQueue {
             .iter()
             .map(|(&n, events)| self.enqueue_call(&self.shards[n], batch, events))
             .collect();
-        let touched: Vec<String> = by_shard
-            .keys()
-            .map(|&n| self.shards[n].keys.queue())
-            .collect();
         let heartbeats = self.heartbeat_calls(batch);
         let (resent, _) = tokio::try_join!(
             try_join_all(calls.into_iter().map(|call| self.invoke(call))),
             try_join_all(heartbeats.into_iter().map(|call| self.invoke(call))),
         )?;
-        self.wait_for_replicas(touched).await?;
+        try_join_all(by_shard.keys().map(|&n| self.shards[n].replicated())).await?;
         Ok(resent.into_iter().sum())
     }
 
@@ -553,25 +549,6 @@ impl RedisQueue {
         let answer: i64 = call.invoke_async(&mut conn).await?;
         // -1: this micro-batch was written before (a retry after a lost reply).
         Ok(usize::try_from(answer).unwrap_or(0))
-    }
-
-    /// With a replica wait set: waits for the masters of the given keys' slots.
-    async fn wait_for_replicas(
-        &self,
-        keys: impl IntoIterator<Item = String>,
-    ) -> Result<(), QueueError> {
-        let Some((wanted, timeout)) = self.replica_wait else {
-            return Ok(());
-        };
-        let waits = keys.into_iter().map(|key| async move {
-            let mut conn = self.conn.clone();
-            let got = conn.wait_for_replicas(&key, wanted, timeout).await?;
-            match got >= wanted {
-                true => Ok(()),
-                false => Err(QueueError::NotReplicated { key, wanted, got }),
-            }
-        });
-        try_join_all(waits).await.map(drop)
     }
 
     /// The held screen view of a session, as its event JSON.

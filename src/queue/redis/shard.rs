@@ -230,7 +230,7 @@ impl RedisShard {
     }
 
     /// With a replica wait set: waits until the replicas have this shard's writes so far.
-    async fn replicated(&self) -> Result<(), QueueError> {
+    pub(super) async fn replicated(&self) -> Result<(), QueueError> {
         let Some((wanted, timeout)) = self.replica_wait else {
             return Ok(());
         };

@@ -131,8 +131,13 @@ pub(super) async fn a_100k_event_mix_lands_exactly_once_with_the_reference_durat
         .drain()
         .await
         .expect("drain");
+    assert_landed_once_with_the_reference_durations(&b, &lines).await;
+}
 
-    let model = reference_model(&lines);
+/// Every event of `lines` the reference lands is in the sink exactly once, with the reference's
+/// duration.
+pub(crate) async fn assert_landed_once_with_the_reference_durations(b: &Backend, lines: &[String]) {
+    let model = reference_model(lines);
     let rows = u64::try_from(model.len()).expect("rows");
     assert_eq!(
         b.landed_count_and_unique().await,
