@@ -184,12 +184,12 @@ impl TestEnv {
             .collect()
     }
 
-    /// INSERT queries that finished on `table` of this test's database, from the query log.
-    pub(crate) async fn inserts_into(&self, table: &str) -> Vec<u64> {
-        // The query log is written in the background: read it until two reads a moment apart
-        // agree on a non-empty answer (a loaded machine can be seconds late).
+    /// INSERT queries that finished on `table` of this test's database, from the query log:
+    /// the rows of each, once the log holds at least `expected` of them and two reads a moment
+    /// apart agree (the log is written in the background; a loaded machine can be seconds late).
+    pub(crate) async fn inserts_into(&self, table: &str, expected: usize) -> Vec<u64> {
         let mut previous: Option<Vec<u64>> = None;
-        for _ in 0..50 {
+        for _ in 0..100 {
             self.sql("SYSTEM FLUSH LOGS").await;
             let body = self
                 .sql(&format!(
@@ -199,7 +199,7 @@ impl TestEnv {
                 ))
                 .await;
             let sizes: Vec<u64> = body.lines().map(|l| l.parse().expect("number")).collect();
-            if !sizes.is_empty() && previous.as_ref() == Some(&sizes) {
+            if sizes.len() >= expected.max(1) && previous.as_ref() == Some(&sizes) {
                 return sizes;
             }
             previous = Some(sizes);
@@ -785,7 +785,8 @@ impl Backend {
             Backend::Redis { env, .. } => {
                 let mut expected = expected.to_vec();
                 expected.sort_unstable();
-                assert_eq!(env.inserts_into("events").await, expected, "{message}");
+                let sizes = env.inserts_into("events", expected.len()).await;
+                assert_eq!(sizes, expected, "{message}");
             }
             Backend::Embedded(env) => {
                 let sizes =
