@@ -117,16 +117,18 @@ async fn visitors_quiet_sessions_counters_and_dead_letters_work_across_slots() {
 
 /// Two `serve --no-flush` ingest processes and two `spillway flush` workers share one queue of
 /// 16 shards on the cluster. Each session's events go, in order, to one ingest process (as a
-/// load balancer with session affinity would send them).
+/// load balancer with session affinity would send them). Midway one flush worker is SIGKILLed
+/// and a new one started: the leases (shard locks) of the dead one expire and are taken over,
+/// its abandoned batches resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_ingest_and_two_flush_processes_land_200k_events_once_with_the_reference_durations() {
+async fn two_ingest_and_two_flush_processes_land_200k_events_once_through_a_flusher_crash() {
     const EVENTS: usize = 200_000;
     const PER_REQUEST: usize = 500;
     let env = TestEnv::new().await;
     env.create_table(spillway::SchemaVariant::Legacy, "events")
         .await;
     let nodes = cluster_nodes();
-    let dirs: Vec<DataDir> = (0..4).map(|_| DataDir::new()).collect();
+    let dirs: Vec<DataDir> = (0..5).map(|_| DataDir::new()).collect();
     let shards = ["--redis-shards", "16"];
     let ingest: Vec<Server> = dirs[..2]
         .iter()
@@ -140,13 +142,16 @@ async fn two_ingest_and_two_flush_processes_land_200k_events_once_with_the_refer
             )
         })
         .collect();
-    let mut flushers: Vec<Server> = dirs[2..]
-        .iter()
-        .map(|dir| {
-            let args = [&shards[..], &["--flush-interval-ms", "100"]].concat();
-            Server::start_on_cluster(&env, &nodes, &dir.0, "flush", &args)
-        })
-        .collect();
+    // Short leases, so a dead worker's shards are taken over within seconds.
+    let flush_args = [
+        &shards[..],
+        &["--flush-interval-ms", "100", "--flush-lock-ttl-ms", "4000"],
+        &["--clickhouse-timeout-ms", "3000"],
+    ]
+    .concat();
+    let flush_worker =
+        |dir: &DataDir| Server::start_on_cluster(&env, &nodes, &dir.0, "flush", &flush_args);
+    let mut flushers = vec![flush_worker(&dirs[2]), flush_worker(&dirs[3])];
 
     let lines: Vec<String> = Workload::new(WorkloadSettings::default())
         .take(EVENTS)
@@ -172,11 +177,23 @@ async fn two_ingest_and_two_flush_processes_land_200k_events_once_with_the_refer
                 assert_eq!(status, 202, "{body}");
             }
         });
-    futures_util::future::join_all(senders).await;
-
     let model = reference_model(&lines);
     let rows = u64::try_from(model.len()).expect("rows");
     let count_sql = format!("SELECT count() FROM {}.events", env.database);
+    let crash = async {
+        loop {
+            let landed: u64 = env.sql(&count_sql).await.trim().parse().expect("count");
+            if landed >= rows / 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        flushers[0].kill();
+        flush_worker(&dirs[4])
+    };
+    let (_, replacement) = tokio::join!(futures_util::future::join_all(senders), crash);
+    flushers.push(replacement);
+
     let mut landed = 0;
     for _ in 0..600 {
         landed = env.sql(&count_sql).await.trim().parse().expect("count");
@@ -186,7 +203,7 @@ async fn two_ingest_and_two_flush_processes_land_200k_events_once_with_the_refer
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(landed, rows, "rows landed within two minutes");
-    for flusher in &mut flushers {
+    for flusher in &mut flushers[1..] {
         assert!(flusher.terminate().success(), "{}", flusher.logs());
     }
     let b = Backend::Redis {
