@@ -17,14 +17,13 @@
 //! until it is in the sink or in the dead-letter list.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::FlushSettings;
 use crate::event;
 use crate::metrics;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
 use crate::queue::{Queue, QueueError, Shard};
 use crate::sink::{Row, Sink, SinkError};
 use crate::time;
