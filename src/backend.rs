@@ -124,8 +124,8 @@ pub fn start_buffer(
 #[must_use]
 pub fn describe(queue: &Queue, sink: Option<&Sink>) -> String {
     let queue = match queue {
-        Queue::Redis(_) => "redis",
-        Queue::Embedded(_) => "embedded",
+        Queue::Redis(redis) => redis.describe(),
+        Queue::Embedded(_) => "embedded".to_owned(),
     };
     let sink = match sink {
         Some(Sink::ClickHouse(_)) => "clickhouse",

@@ -305,6 +305,11 @@ async fn a_master_killed_mid_stream_loses_no_event_acknowledged_with_replica_wai
     let dir = DataDir::new();
     let args = ["--redis-shards", "6", "--redis-wait-replicas", "1"];
     let mut server = Server::start_on_cluster(&env, &cluster.nodes, &dir.0, "serve", &args);
+    let (_, ready) = server.get("/readyz").await;
+    assert!(
+        ready.contains(r#""backend":"redis-cluster[6 shards]+clickhouse""#),
+        "{ready}"
+    );
     let stream = EventStream::start(&server, 4, 50);
     stream.wait_for(5_000).await;
 

@@ -196,9 +196,10 @@ fn with_seen(kind: &'static str, seen: bool) -> &'static str {
 /// Redis Cluster.
 #[derive(Clone)]
 pub struct RedisQueue {
-    /// For subscriptions: a plain client of the server, or of one cluster node (pub/sub
-    /// messages reach every node). Behind an `Arc`: it is large, and clones are frequent.
-    client: std::sync::Arc<redis::Client>,
+    /// For subscriptions: plain clients of the server, or of each seed node of a cluster
+    /// (pub/sub messages reach every node; the first that answers is used). Behind an `Arc`:
+    /// they are large, and clones are frequent.
+    clients: std::sync::Arc<Vec<redis::Client>>,
     conn: Conn,
     /// In front of every key and the channel.
     prefix: String,
@@ -238,7 +239,7 @@ impl RedisQueue {
             .await
             .map_err(connect_error)?;
         Ok(RedisQueue {
-            client: client.into(),
+            clients: vec![client].into(),
             prefix: prefix.to_owned(),
             shards: vec![RedisShard {
                 conn: conn.clone(),
@@ -271,13 +272,17 @@ impl RedisQueue {
             url: shown.clone(),
             error,
         };
-        let first = nodes.first().ok_or_else(|| {
-            connect_error(redis::RedisError::from((
+        if nodes.is_empty() {
+            return Err(connect_error(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "no cluster node given",
-            )))
-        })?;
-        let client = redis::Client::open(first.as_str()).map_err(connect_error)?;
+            ))));
+        }
+        let clients = nodes
+            .iter()
+            .map(|node| redis::Client::open(node.as_str()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(connect_error)?;
         let cluster = ClusterClientBuilder::new(nodes.to_vec())
             .connection_timeout(Duration::from_secs(5))
             .response_timeout(Duration::from_secs(30))
@@ -297,7 +302,7 @@ impl RedisQueue {
             .await
             .map_err(connect_error)?;
         let queue = RedisQueue {
-            client: client.into(),
+            clients: clients.into(),
             prefix: prefix.to_owned(),
             shards: Vec::new(),
             conn,
@@ -392,6 +397,16 @@ impl RedisQueue {
             }
         });
         try_join_all(counts).await.map(drop)
+    }
+
+    /// `redis`, `redis[4 shards]` or `redis-cluster[16 shards]`, for readiness and the status
+    /// page.
+    pub(crate) fn describe(&self) -> String {
+        match (&self.conn, self.sharded) {
+            (Conn::Cluster(_), _) => format!("redis-cluster[{} shards]", self.shards.len()),
+            (Conn::Single(_), true) => format!("redis[{} shards]", self.shards.len()),
+            (Conn::Single(_), false) => "redis".to_owned(),
+        }
     }
 
     /// The shards, for flushers to lease one at a time.
@@ -701,12 +716,26 @@ impl RedisQueue {
 
     /// Batch notifications from every flusher on this Redis, as they are published.
     pub(crate) async fn subscribe(&self) -> Result<BatchFeed, QueueError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(self.shards[0].keys.channel()).await?;
-        let feed = pubsub
-            .into_on_message()
-            .filter_map(|message| async move { message.get_payload::<String>().ok() });
-        Ok(Box::pin(feed))
+        let mut failed = None;
+        // Through the first seed node that answers: a node that is down has no say.
+        for client in self.clients.iter() {
+            let mut pubsub = match client.get_async_pubsub().await {
+                Ok(pubsub) => pubsub,
+                Err(err) => {
+                    failed = Some(err);
+                    continue;
+                }
+            };
+            pubsub.subscribe(self.shards[0].keys.channel()).await?;
+            let feed = pubsub
+                .into_on_message()
+                .filter_map(|message| async move { message.get_payload::<String>().ok() });
+            return Ok(Box::pin(feed));
+        }
+        Err(failed.map_or_else(
+            || QueueError::Corrupt("no Redis node to subscribe through".to_owned()),
+            QueueError::from,
+        ))
     }
 }
 
