@@ -192,7 +192,8 @@ fn with_seen(kind: &'static str, seen: bool) -> &'static str {
     }
 }
 
-/// The queue on one Redis server (or a Redis-compatible one with Lua and `SET .. GET`), or on a
+/// The queue on one Redis server (6.2 or later, or a compatible one with Lua, `SET .. GET` and
+/// `SMISMEMBER`), or on a
 /// Redis Cluster.
 #[derive(Clone)]
 pub struct RedisQueue {
