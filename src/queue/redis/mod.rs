@@ -193,8 +193,7 @@ fn with_seen(kind: &'static str, seen: bool) -> &'static str {
 }
 
 /// The queue on one Redis server (6.2 or later, or a compatible one with Lua, `SET .. GET` and
-/// `SMISMEMBER`), or on a
-/// Redis Cluster.
+/// `SMISMEMBER`), or on a Redis Cluster.
 #[derive(Clone)]
 pub struct RedisQueue {
     /// For subscriptions: plain clients of the server, or of each seed node of a cluster
