@@ -114,7 +114,8 @@ impl Flusher {
     /// Flushes one batch of each shard whose lock is free and that holds anything.
     ///
     /// # Errors
-    /// The first [`FlushError`] of a shard (the other shards are flushed all the same); the
+    /// The first [`FlushError`] of a shard, when no shard flushed: a failing shard (its master
+    /// down, say) does not hold back the healthy ones, whose batches count as a flush. The
     /// failed batch is retried later.
     pub async fn flush_once(&self) -> Result<FlushOutcome, FlushError> {
         let count = self.shards.len();
@@ -133,9 +134,14 @@ impl Flusher {
                 }
             }
         }
-        match (failed, flushed) {
-            (Some(err), _) => Err(err),
-            (None, Some(report)) => Ok(FlushOutcome::Flushed(report)),
+        match (flushed, failed) {
+            (Some(report), failed) => {
+                if let Some(err) = failed {
+                    tracing::warn!(error = %err, "a shard's flush failed; the others flushed");
+                }
+                Ok(FlushOutcome::Flushed(report))
+            }
+            (None, Some(err)) => Err(err),
             (None, None) if busy => Ok(FlushOutcome::Busy),
             (None, None) => Ok(FlushOutcome::Empty),
         }
