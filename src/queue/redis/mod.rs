@@ -15,6 +15,7 @@
 //! <prefix>event_buffer:applied:<micro-batch id>            string  marker, EX 3600 (retry guard)
 //! <prefix>event_buffer:held_index                          zset    session view key -> held at ms
 //! <prefix>event_buffer:seen:<window number>                set     event ids taken in, EX 2 windows
+//! <prefix>event_buffer:shards                              string  the shard count (1 here), set on first use
 //! <prefix>events:batch                                     channel {"projectId","count"} per flush
 //! ```
 //!
