@@ -266,16 +266,10 @@ run_config() {
 }
 
 # --- run ------------------------------------------------------------------------------------
-load1() { cut -d' ' -f1 /proc/loadavg; }
-waited=0
-while awk -v l="$(load1)" -v m="$MAX_LOAD" 'BEGIN { exit !(l > m) }' && [ "$waited" -lt "$WAIT_SECS" ]; do
-  [ "$waited" -eq 0 ] && log "load average $(load1) > $MAX_LOAD: waiting up to ${WAIT_SECS}s for a quieter machine"
-  sleep 10
-  waited=$((waited + 10))
-done
-LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# shellcheck source=scripts/quiet.sh
+source scripts/quiet.sh
+wait_for_quiet_machine "$MAX_LOAD" "$WAIT_SECS"
 STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
-log "load average at start: $LOAD_AT_START"
 
 printf 'round\tconfig\tphase\tprocs\tcount\twall_s\trate\tload1\tbusy_cores\tspillway_cpu_s\tredis_single_cpu_s\tnode1\tnode2\tnode3\tnode4\tnode5\tnode6\tclickhouse_cpu_s\tevalsha\twait\n' > "$OUT/runs.tsv"
 printf 'round\tconfig\taccepted\tdrained\tcount\tuniq_id\theld\tleft\n' > "$OUT/checks.tsv"

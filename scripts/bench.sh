@@ -35,15 +35,9 @@ log "Redis $SPILLWAY_BENCH_REDIS_URL (the benchmark's own), ClickHouse $SPILLWAY
 cargo build --release --quiet
 cargo bench --no-run --quiet
 
-load1() { cut -d' ' -f1 /proc/loadavg; }
-waited=0
-while awk -v l="$(load1)" -v m="$MAX_LOAD" 'BEGIN { exit !(l > m) }' && [ "$waited" -lt "$WAIT_SECS" ]; do
-  [ "$waited" -eq 0 ] && log "load average $(load1) > $MAX_LOAD: waiting up to ${WAIT_SECS}s for a quieter machine"
-  sleep 10
-  waited=$((waited + 10))
-done
-LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
-log "load average at start: $LOAD_AT_START"
+# shellcheck source=scripts/quiet.sh
+source scripts/quiet.sh
+wait_for_quiet_machine "$MAX_LOAD" "$WAIT_SECS"
 
 # End to end first: the load average it records should not include criterion's own runs.
 SPILLWAY_BENCH_REPORT=$OUT/end_to_end.md cargo bench --bench end_to_end 2> >(tee "$OUT/end_to_end.log" >&2)

@@ -73,6 +73,8 @@ pub struct FlushReport {
     pub resumed: bool,
     /// Whether a batch was full, so more events may be waiting.
     pub full: bool,
+    /// Batches flushed: one per shard at most.
+    pub batches: usize,
 }
 
 impl FlushReport {
@@ -83,6 +85,7 @@ impl FlushReport {
         self.dead_lettered += other.dead_lettered;
         self.resumed |= other.resumed;
         self.full |= other.full;
+        self.batches += other.batches;
     }
 }
 
@@ -189,7 +192,7 @@ impl Flusher {
                 FlushOutcome::Empty => return Ok(report),
                 FlushOutcome::Busy => tokio::time::sleep(Duration::from_millis(50)).await,
                 FlushOutcome::Flushed(batch) => {
-                    report.batches += batch.batch_id.split(',').count();
+                    report.batches += batch.batches;
                     report.rows += batch.rows;
                     report.dead_lettered += batch.dead_lettered;
                 }
@@ -220,6 +223,7 @@ impl Flusher {
             dead_lettered: dead.len(),
             resumed: claim.resumed,
             full: claim.entries.len() + claim.not_utf8.len() >= self.settings.batch_size,
+            batches: 1,
         };
         for (index, chunk) in rows.chunks(chunk_size).enumerate() {
             if index < claim.chunks_done {

@@ -179,29 +179,15 @@ async fn two_ingest_and_two_flush_processes_land_200k_events_once_through_a_flus
         });
     let model = reference_model(&lines);
     let rows = u64::try_from(model.len()).expect("rows");
-    let count_sql = format!("SELECT count() FROM {}.events", env.database);
     let crash = async {
-        loop {
-            let landed: u64 = env.sql(&count_sql).await.trim().parse().expect("count");
-            if landed >= rows / 4 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        env.wait_for_rows(rows / 4).await;
         flushers[0].kill();
         flush_worker(&dirs[4])
     };
     let (_, replacement) = tokio::join!(futures_util::future::join_all(senders), crash);
     flushers.push(replacement);
 
-    let mut landed = 0;
-    for _ in 0..600 {
-        landed = env.sql(&count_sql).await.trim().parse().expect("count");
-        if landed >= rows {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let landed = env.wait_for_rows(rows).await;
     assert_eq!(landed, rows, "rows landed within two minutes");
     for flusher in &mut flushers[1..] {
         assert!(flusher.terminate().success(), "{}", flusher.logs());
@@ -335,14 +321,8 @@ async fn a_master_killed_mid_stream_loses_no_event_acknowledged_with_replica_wai
 
     // Whatever the journal holds is replayed by the next process; it flushes everything.
     let server = Server::start_on_cluster(&env, &cluster.nodes, &dir.0, "serve", &args);
-    let count_sql = format!("SELECT count() FROM {}.events", env.database);
-    for _ in 0..600 {
-        let landed: usize = env.sql(&count_sql).await.trim().parse().expect("count");
-        if landed >= acknowledged.len() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    env.wait_for_rows(u64::try_from(acknowledged.len()).expect("count"))
+        .await;
     wait_until_flushed(&server).await;
     let landed = env
         .sql(&format!("SELECT toString(id) FROM {}.events", env.database))

@@ -184,6 +184,21 @@ impl TestEnv {
             .collect()
     }
 
+    /// Rows in this test's `events` table, read until there are at least `at_least` or two
+    /// minutes have passed; returns the last count.
+    pub(crate) async fn wait_for_rows(&self, at_least: u64) -> u64 {
+        let count = format!("SELECT count() FROM {}.events", self.database);
+        let mut rows = 0;
+        for _ in 0..1200 {
+            rows = self.sql(&count).await.trim().parse().expect("count");
+            if rows >= at_least {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        rows
+    }
+
     /// INSERT queries that finished on `table` of this test's database, from the query log:
     /// the rows of each, once the log holds at least `expected` of them and two reads a moment
     /// apart agree (the log is written in the background; a loaded machine can be seconds late).

@@ -384,18 +384,17 @@ impl RedisQueue {
                 configured,
             });
         }
-        let Some((wanted, timeout)) = self.replica_wait else {
-            return Ok(());
-        };
-        // Before this connection wrote anything, WAIT counts the connected replicas at once.
+        // Before this connection wrote anything, the shards' replica wait counts the connected
+        // replicas at once; too few there is a setup error, not a write to retry.
         let counts = self.shards.iter().map(|shard| async move {
-            let key = shard.keys.queue();
-            let mut conn = self.conn.clone();
-            let found = conn.wait_for_replicas(&key, wanted, timeout).await?;
-            match found >= wanted {
-                true => Ok(()),
-                false => Err(QueueError::TooFewReplicas { key, wanted, found }),
-            }
+            shard.replicated().await.map_err(|err| match err {
+                QueueError::NotReplicated { key, wanted, got } => QueueError::TooFewReplicas {
+                    key,
+                    wanted,
+                    found: got,
+                },
+                other => other,
+            })
         });
         try_join_all(counts).await.map(drop)
     }
